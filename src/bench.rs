@@ -1,0 +1,225 @@
+//! Timing harness: one modular block run dense and sparse, in one process,
+//! after warm-up, medians reported with the MAC ratio beside them.
+//!
+//! Presets are the blocks of the paper's layouts: `resnext101-convN` is the
+//! repeated (stride 1, C_in = C_out) block of stage N of Table 3 at 224x224,
+//! `clevr-convN` the single block of stage N of Table 4 at 128x128, and
+//! `ref-256x28` the block of the performance issue and of
+//! `shared/examples` (256 channels, width 128, P = 32, 28x28).
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::Serialize;
+
+use crate::cnn::layout::{BlockSpec, CnnLayout};
+use crate::error::{MoeError, Result};
+use crate::flops::block_macs;
+use crate::moe::{BottleneckConfig, check_k};
+
+/// All block presets, in a stable order.
+pub fn block_presets() -> Vec<(String, BlockSpec)> {
+    let mut out = Vec::new();
+    for (prefix, layout) in [
+        ("resnext101", CnnLayout::resnext101_32x4d()),
+        ("clevr", CnnLayout::clevr()),
+    ] {
+        let blocks = layout
+            .blocks(layout.default_input())
+            .expect("built-in layouts are valid");
+        for stage in &layout.stages {
+            // The stage's last block: the repeated one that dominates the cost.
+            let b = blocks
+                .iter()
+                .rev()
+                .find(|b| b.stage == stage.name)
+                .expect("every stage has a block");
+            out.push((format!("{prefix}-{}", stage.name), b.clone()));
+        }
+    }
+    out.push((
+        "ref-256x28".into(),
+        BlockSpec {
+            stage: "ref".into(),
+            index: 0,
+            in_channels: 256,
+            inner: 128,
+            out_channels: 256,
+            paths: 32,
+            stride: 1,
+            input_hw: (28, 28),
+            output_hw: (28, 28),
+        },
+    ));
+    out
+}
+
+/// A preset by name.
+pub fn find_preset(name: &str) -> Result<BlockSpec> {
+    let presets = block_presets();
+    presets
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, b)| b.clone())
+        .ok_or_else(|| MoeError::Unknown {
+            kind: "preset",
+            name: name.into(),
+            expected: presets
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Result of `bench block`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockBench {
+    pub preset: String,
+    pub batch: usize,
+    pub k: usize,
+    pub paths: usize,
+    pub iters: usize,
+    /// Median eval-mode forward time, all paths.
+    pub dense_ms: f64,
+    /// Median eval-mode forward time, only the selected paths.
+    pub sparse_ms: f64,
+    /// dense_ms / sparse_ms.
+    pub speedup: f64,
+    /// dense MACs / sparse MACs (per image, block only).
+    pub flops_ratio: f64,
+    /// speedup / flops_ratio (1.0 = sparse is as fast as its MACs say).
+    pub efficiency: f64,
+    pub dense_macs: u64,
+    pub sparse_macs: u64,
+    /// max |sparse - dense| / max |dense| on the timed inputs.
+    pub max_rel_diff: f64,
+}
+
+/// Deterministic pseudo-random selection of k distinct paths per sample
+/// (xorshift; independent of the backend's RNG).
+pub fn random_selection(batch: usize, paths: usize, k: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..batch)
+        .map(|_| {
+            let mut all: Vec<usize> = (0..paths).collect();
+            for i in 0..k {
+                let j = i + (next() % (paths - i) as u64) as usize;
+                all.swap(i, j);
+            }
+            all.truncate(k);
+            all
+        })
+        .collect()
+}
+
+/// Random gate values [N, P] that sum to 1 per row.
+pub fn random_gates(batch: usize, paths: usize, device: &Device) -> Tensor<2> {
+    let g = Tensor::<2>::random([batch, paths], Distribution::Uniform(0.1, 1.0), device);
+    let s = g.clone().sum_dim(1);
+    g / s
+}
+
+/// max |a - b| / max |b|.
+pub fn max_rel_diff(a: Tensor<4>, b: Tensor<4>) -> f64 {
+    let diff = (a - b.clone()).abs().max().into_scalar::<f32>() as f64;
+    let scale = b.abs().max().into_scalar::<f32>() as f64;
+    diff / scale.max(f64::MIN_POSITIVE)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Median milliseconds of `f` over `iters` runs after `warmup` runs.
+pub fn time_ms<T>(device: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> T) -> f64 {
+    for _ in 0..warmup {
+        let _ = f();
+        let _ = device.sync();
+    }
+    let times = (0..iters.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            let out = f();
+            let _ = device.sync();
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            drop(out);
+            ms
+        })
+        .collect();
+    median(times)
+}
+
+/// Times one preset block dense and sparse (eval mode) on `device`.
+pub fn bench_block(
+    preset: &str,
+    batch: usize,
+    k: usize,
+    iters: usize,
+    warmup: usize,
+    device: &Device,
+) -> Result<BlockBench> {
+    let spec = find_preset(preset)?;
+    check_k(k, spec.paths)?;
+    if batch == 0 {
+        return Err(MoeError::config("--batch", "must be at least 1"));
+    }
+    device.seed(7);
+    let block = BottleneckConfig::new(spec.in_channels, spec.inner, spec.out_channels, spec.paths)
+        .with_stride(spec.stride)
+        .init(device)?;
+    let block = block.with_random_batch_norms(device);
+    let (h, w) = spec.input_hw;
+    let x = Tensor::<4>::random(
+        [batch, spec.in_channels, h, w],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let gates = random_gates(batch, spec.paths, device);
+    let sel = random_selection(batch, spec.paths, k, 11);
+    let mask = crate::moe::gate::selection_mask(&sel, spec.paths, device);
+    let masked = gates.clone() * mask;
+
+    let dense_out = block.forward_dense(x.clone(), Some(masked.clone()))?;
+    let sparse_out = block.forward_sparse(x.clone(), gates.clone(), &sel)?;
+    let diff = max_rel_diff(sparse_out, dense_out);
+
+    let dense_ms = time_ms(device, warmup, iters, || {
+        block.forward_dense(x.clone(), Some(masked.clone()))
+    });
+    let sparse_ms = time_ms(device, warmup, iters, || {
+        block.forward_sparse(x.clone(), gates.clone(), &sel)
+    });
+    let sum = |v: Vec<crate::flops::LayerMacs>| v.iter().map(|l| l.macs).sum::<u64>();
+    let dense_macs = sum(block_macs(&spec, Some(spec.paths)));
+    let sparse_macs = sum(block_macs(&spec, Some(k)));
+    let speedup = dense_ms / sparse_ms;
+    let flops_ratio = dense_macs as f64 / sparse_macs as f64;
+    Ok(BlockBench {
+        preset: preset.into(),
+        batch,
+        k,
+        paths: spec.paths,
+        iters,
+        dense_ms,
+        sparse_ms,
+        speedup,
+        flops_ratio,
+        efficiency: speedup / flops_ratio,
+        dense_macs,
+        sparse_macs,
+        max_rel_diff: diff,
+    })
+}
