@@ -239,9 +239,7 @@ mod tests {
         let conv: u64 = block_macs(b, Some(8))
             .iter()
             .filter(|l| {
-                ["reduce", "conv3x3", "expand"]
-                    .iter()
-                    .any(|p| l.name.ends_with(p))
+                ["conv2.1.reduce", "conv2.1.conv3x3", "conv2.1.expand"].contains(&l.name.as_str())
             })
             .map(|l| l.macs)
             .sum();

@@ -184,13 +184,13 @@ impl CnnLayout {
                 "sizes must be at least 1",
             ));
         }
-        if let Some(p) = &self.pool {
-            if p.kernel == 0 || p.stride == 0 {
-                return Err(MoeError::config(
-                    format!("layout {} pool", self.name),
-                    "kernel and stride must be at least 1",
-                ));
-            }
+        if let Some(p) = &self.pool
+            && (p.kernel == 0 || p.stride == 0)
+        {
+            return Err(MoeError::config(
+                format!("layout {} pool", self.name),
+                "kernel and stride must be at least 1",
+            ));
         }
         if self.stages.is_empty() {
             return Err(MoeError::config(
@@ -206,7 +206,7 @@ impl CnnLayout {
                     "blocks, widths, paths and stride must be at least 1",
                 ));
             }
-            if s.inner % s.paths != 0 {
+            if !s.inner.is_multiple_of(s.paths) {
                 return Err(MoeError::NotDivisible {
                     what: format!("{what} inner width"),
                     channels: s.inner,
@@ -301,11 +301,19 @@ mod tests {
             .map(|s| blocks.iter().find(|b| b.stage == *s).unwrap().output_hw)
             .collect();
         assert_eq!(sizes, vec![(56, 56), (28, 28), (14, 14), (7, 7)]);
-        assert!(
-            blocks
-                .iter()
-                .all(|b| b.paths == 32 && b.inner / b.paths == 4)
-        );
+        // 32 paths everywhere; the path width d doubles with the width: 4 ("32x4d"), 8, 16, 32.
+        let d: Vec<_> = ["conv2", "conv3", "conv4", "conv5"]
+            .iter()
+            .map(|s| {
+                blocks
+                    .iter()
+                    .find(|b| b.stage == *s)
+                    .map(|b| b.inner / b.paths)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(d, vec![4, 8, 16, 32]);
+        assert!(blocks.iter().all(|b| b.paths == 32));
     }
 
     #[test]

@@ -191,7 +191,7 @@ impl ModularResNeXt {
     /// Fails unless `dims` is [N, C_in, H, W] with N, H, W >= 1.
     pub fn check_images(&self, dims: &[usize]) -> MoeResult<()> {
         let c = self.input_channels;
-        if dims.len() != 4 || dims[1] != c || dims.iter().any(|&v| v == 0) {
+        if dims.len() != 4 || dims[1] != c || dims.contains(&0) {
             return Err(MoeError::shape(
                 "CNN input images",
                 format!("[N, {c}, H, W] with N, H, W >= 1"),

@@ -63,7 +63,10 @@ mod tests {
         // mean 2/3, population var = (0.0011.. + 0.01777.. + 0.02777..)/3 = 0.015555..
         // cv^2 = 0.015555.. / 0.444444.. = 0.035
         let g = t2(vec![0.5, 0.3, 0.2, 0.2, 0.5, 0.3], [2, 3]);
-        let imp = importance(g.clone()).into_data().try_to_vec::<f32>().unwrap();
+        let imp = importance(g.clone())
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         assert!(
             (imp[0] - 0.7).abs() < 1e-6
                 && (imp[1] - 0.8).abs() < 1e-6

@@ -83,7 +83,7 @@ impl BottleneckConfig {
                 return Err(MoeError::config(name, "must be at least 1"));
             }
         }
-        if self.inner_channels % self.paths != 0 {
+        if !self.inner_channels.is_multiple_of(self.paths) {
             return Err(MoeError::NotDivisible {
                 what: "block inner_channels".into(),
                 channels: self.inner_channels,

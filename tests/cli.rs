@@ -1,0 +1,155 @@
+//! The command line: JSON shapes, and one-line errors with a non-zero exit.
+
+use std::process::{Command, Output};
+
+fn moevqa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moevqa"))
+        .args(args)
+        .output()
+        .expect("run moevqa")
+}
+
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(
+        !out.status.success(),
+        "expected failure, got {:?}",
+        out.status
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(
+        err.starts_with("error: ") && err.contains(needle),
+        "{err:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn flops_json_has_the_documented_shape() {
+    let out = moevqa(&["flops", "--model", "clevr", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["model"], "clevr");
+    assert_eq!(v["input"], serde_json::json!([128, 128]));
+    let rows = v["rows"].as_array().unwrap();
+    let ks: Vec<_> = rows.iter().map(|r| r["k"].clone()).collect();
+    assert_eq!(
+        ks,
+        vec![serde_json::Value::Null, 12.into(), 6.into(), 3.into()]
+    );
+    for r in rows {
+        let (c, g, t) = (
+            r["cnn_macs"].as_u64().unwrap(),
+            r["gate_macs"].as_u64().unwrap(),
+            r["total_macs"].as_u64().unwrap(),
+        );
+        assert_eq!(c + g, t);
+    }
+    assert_eq!(rows[0]["gate_macs"], 0);
+    let custom = moevqa(&["flops", "--model", "vqa", "--k", "4", "--k", "2", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&custom.stdout).unwrap();
+    assert_eq!(v["rows"].as_array().unwrap().len(), 3);
+    assert_eq!(v["input"], serde_json::json!([224, 224]));
+}
+
+#[test]
+fn flops_table_names_the_paper() {
+    let out = moevqa(&["flops", "--model", "vqa"]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("baseline") && s.contains("1.56e11") && s.contains("4.59e10"),
+        "{s}"
+    );
+}
+
+#[test]
+fn bench_block_json_has_the_documented_keys() {
+    let out = moevqa(&[
+        "bench",
+        "block",
+        "--preset",
+        "clevr-conv4",
+        "--batch",
+        "2",
+        "--k",
+        "3",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "preset",
+        "batch",
+        "k",
+        "dense_ms",
+        "sparse_ms",
+        "speedup",
+        "flops_ratio",
+        "efficiency",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    assert_eq!(v["k"], 3);
+    let ratio = v["flops_ratio"].as_f64().unwrap();
+    assert!(ratio > 1.0 && ratio < 4.0, "{ratio}");
+    assert!(v["max_rel_diff"].as_f64().unwrap() < 1e-4);
+    let list = moevqa(&["bench", "block", "--preset", "list"]);
+    let s = String::from_utf8_lossy(&list.stdout);
+    assert!(s.contains("resnext101-conv3") && s.contains("clevr-conv2"));
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    assert_one_line_error(
+        &moevqa(&["flops", "--model", "alexnet"]),
+        "unknown model 'alexnet'",
+    );
+    assert_one_line_error(&moevqa(&["flops", "--model", "clevr", "--k", "0"]), "k = 0");
+    assert_one_line_error(
+        &moevqa(&["flops", "--model", "clevr", "--k", "13"]),
+        "k = 13",
+    );
+    assert_one_line_error(
+        &moevqa(&["flops", "--model", "clevr", "--input", "0"]),
+        "--input",
+    );
+    assert_one_line_error(
+        &moevqa(&["bench", "block", "--preset", "nope"]),
+        "unknown preset 'nope'",
+    );
+    assert_one_line_error(
+        &moevqa(&["bench", "block", "--preset", "clevr-conv2", "--k", "0"]),
+        "k = 0",
+    );
+    assert_one_line_error(
+        &moevqa(&["bench", "block", "--preset", "clevr-conv2", "--k", "99"]),
+        "k = 99",
+    );
+    assert_one_line_error(
+        &moevqa(&["bench", "block", "--preset", "clevr-conv2", "--batch", "0"]),
+        "--batch",
+    );
+    assert_one_line_error(
+        &moevqa(&["bench", "block", "--preset", "clevr-conv2", "--iters", "0"]),
+        "--iters",
+    );
+    assert_one_line_error(
+        &moevqa(&[
+            "--device",
+            "tpu",
+            "bench",
+            "block",
+            "--preset",
+            "clevr-conv2",
+        ]),
+        "--device 'tpu'",
+    );
+}
