@@ -7,10 +7,12 @@
 //!
 //! Layout: [`moe`] (gates, blocks, balance loss), [`cnn`] (layouts of the
 //! paper's Tables 3 and 4 and the modular ResNeXt built from them),
-//! [`flops`] (analytic multiply-add counts), [`bench`] (timing harness).
+//! [`flops`] (analytic multiply-add counts), [`bench`] (timing harness),
+//! [`data`] (the CLEVR layout and generated datasets).
 
 pub mod bench;
 pub mod cnn;
+pub mod data;
 pub mod error;
 pub mod flops;
 pub mod moe;

@@ -41,10 +41,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generates a dataset in the CLEVR v1.0 layout.
+    Generate {
+        #[command(subcommand)]
+        what: GenerateCommand,
+    },
     /// Benchmarks: dense against sparse execution.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GenerateCommand {
+    /// Sort-of-CLEVR: 75x75 images, six objects, 10 non-relational and 10 relational questions each.
+    SortOfClevr {
+        /// Output directory (created; existing files of the same names are replaced).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 9800)]
+        train_images: usize,
+        #[arg(long, default_value_t = 200)]
+        val_images: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -236,8 +260,43 @@ fn cmd_bench_block(
     Ok(())
 }
 
+fn cmd_generate(what: GenerateCommand) -> Result<()> {
+    match what {
+        GenerateCommand::SortOfClevr {
+            out,
+            train_images,
+            val_images,
+            seed,
+            json,
+        } => {
+            let cfg = moevqa::data::sort_of_clevr::SortOfClevrConfig {
+                train_images,
+                val_images,
+                seed,
+            };
+            let t0 = std::time::Instant::now();
+            let s = moevqa::data::sort_of_clevr::generate(&out, &cfg)?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "wrote Sort-of-CLEVR to {}: {} train images ({} questions), {} val images ({} questions) in {:.1} s",
+                    out.display(),
+                    s.train_images,
+                    s.train_questions,
+                    s.val_images,
+                    s.val_questions,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Generate { what } => cmd_generate(what),
         Command::Flops {
             model,
             k,

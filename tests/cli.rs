@@ -153,3 +153,55 @@ fn bad_input_gives_one_line_errors() {
         "--device 'tpu'",
     );
 }
+
+#[test]
+fn generate_sort_of_clevr_writes_the_layout_and_reports_errors() {
+    let dir = std::env::temp_dir().join(format!("moevqa-cli-soc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let out = moevqa(&[
+        "generate",
+        "sort-of-clevr",
+        "--out",
+        d,
+        "--train-images",
+        "4",
+        "--val-images",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["train_questions"], 80);
+    assert_eq!(v["val_questions"], 40);
+    for f in [
+        "questions/CLEVR_train_questions.json",
+        "questions/CLEVR_val_questions.json",
+        "scenes/CLEVR_val_scenes.json",
+        "images/train/CLEVR_train_000003.png",
+        "images/val/CLEVR_val_000001.png",
+    ] {
+        assert!(dir.join(f).is_file(), "missing {f}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    // A file where the directory should go.
+    let file = std::env::temp_dir().join(format!("moevqa-cli-file-{}", std::process::id()));
+    std::fs::write(&file, b"x").unwrap();
+    let f = file.to_str().unwrap();
+    assert_one_line_error(
+        &moevqa(&[
+            "generate",
+            "sort-of-clevr",
+            "--out",
+            f,
+            "--train-images",
+            "1",
+        ]),
+        f,
+    );
+    std::fs::remove_file(file).unwrap();
+}

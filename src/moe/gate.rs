@@ -362,4 +362,42 @@ mod tests {
         ));
         assert!(GateControllerConfig::new(0, 10, 8).init(&d).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn top_k_is_the_k_largest_in_order(row in proptest::collection::vec(-2.0f32..2.0, 1..40), k_frac in 0.0f64..1.0) {
+            let k = 1 + ((row.len() - 1) as f64 * k_frac) as usize;
+            let sel = top_k_row(&row, k);
+            proptest::prop_assert_eq!(sel.len(), k);
+            let mut seen = sel.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            proptest::prop_assert_eq!(seen.len(), k, "indices repeat");
+            // Best first; equal values in index order.
+            for w in sel.windows(2) {
+                proptest::prop_assert!(row[w[0]] > row[w[1]] || (row[w[0]] == row[w[1]] && w[0] < w[1]));
+            }
+            // Nothing left out beats the last one kept (ties: lower index kept).
+            let last = *sel.last().unwrap();
+            for i in (0..row.len()).filter(|i| !sel.contains(i)) {
+                proptest::prop_assert!(row[i] < row[last] || (row[i] == row[last] && i > last));
+            }
+        }
+
+        #[test]
+        fn normalized_gates_are_a_distribution(logits in proptest::collection::vec(-3.0f32..3.0, 12)) {
+            let out = vec2(normalize_gates(t2(logits.clone(), [2, 6])));
+            for (row, lg) in out.chunks(6).zip(logits.chunks(6)) {
+                let s: f32 = row.iter().sum();
+                proptest::prop_assert!((s - 1.0).abs() < 1e-5);
+                for (g, l) in row.iter().zip(lg) {
+                    proptest::prop_assert!(*g >= 0.0);
+                    // A path with a non-positive logit gets 0 unless the whole row is dead.
+                    if *l <= 0.0 && lg.iter().any(|v| *v > 0.0) {
+                        proptest::prop_assert_eq!(*g, 0.0);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,39 @@
+//! Datasets: the CLEVR v1.0 layout and the generators that write it.
+
+pub mod clevr_format;
+pub mod sort_of_clevr;
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Errors of reading and writing datasets; each names the file.
+#[derive(Debug, Error)]
+pub enum DataError {
+    // The io error is in the message, not a `source`, so a chained report prints it once.
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: image error: {message}")]
+    Image { path: PathBuf, message: String },
+}
+
+impl DataError {
+    /// An I/O error on `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.to_path_buf(),
+            error: source,
+        }
+    }
+
+    /// An image encode/decode error on `path`.
+    pub fn image(path: &Path, e: image::ImageError) -> Self {
+        DataError::Image {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    }
+}
