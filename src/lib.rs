@@ -16,5 +16,6 @@ pub mod data;
 pub mod error;
 pub mod flops;
 pub mod moe;
+pub mod text;
 
 pub use error::{MoeError, Result};

@@ -1,6 +1,7 @@
 //! Datasets: the CLEVR v1.0 layout and the generators that write it.
 
 pub mod clevr_format;
+pub mod clevr_reader;
 pub mod sort_of_clevr;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,15 @@ pub enum DataError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("{path}: line {line}, column {column}: malformed JSON: {message}")]
+    Json {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{root}: not a dataset directory: {message}")]
+    Layout { root: PathBuf, message: String },
     #[error("{path}: image error: {message}")]
     Image { path: PathBuf, message: String },
 }
