@@ -1,0 +1,336 @@
+//! Relation Network (Santoro et al. 2017) over the modular CNN of Table 4,
+//! the paper's CLEVR model (section 3.2, figure 4).
+//!
+//! - Question: word embedding (32) -> LSTM (128); the LSTM state at the last
+//!   real word is the question vector, which also feeds every gate controller.
+//! - Objects: the cells of the CNN's final map (8x8x24 at 128x128), each with
+//!   its (x, y) coordinate in [-1, 1] appended.
+//! - g over every ordered pair (o_i, o_j) with the question, 4 layers of 256,
+//!   summed over pairs; f: 256 -> 256 -> 256 (dropout 0.5) -> answers.
+//!
+//! g's first layer is applied in its cheap, exact form: `W [o_i; o_j; q] + b
+//! = W_i o_i + W_j o_j + (W_q q + b)`, so the objects are projected once
+//! (D of them) and the pairs (D^2) only add.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Linear, LinearConfig, Lstm, LstmConfig,
+};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::cnn::{CnnLayout, Execution, GateSettings, ModularResNeXt, ModularResNeXtConfig};
+use crate::error::{MoeError, Result as MoeResult};
+use crate::moe::Gates;
+
+/// Configuration of the Relation Network.
+#[derive(Config, Debug)]
+pub struct RelationNetworkConfig {
+    /// Word vocabulary size (with `<pad>` and `<unk>`).
+    pub vocab_size: usize,
+    /// Number of answer classes.
+    pub num_answers: usize,
+    /// Paths kept per block of the CNN (k = P is the dense baseline).
+    pub k: usize,
+    #[config(default = "CnnLayout::clevr()")]
+    pub layout: CnnLayout,
+    #[config(default = 32)]
+    pub embed_dim: usize,
+    /// LSTM hidden size = question vector length B.
+    #[config(default = 128)]
+    pub question_dim: usize,
+    /// Attention hidden size of the gate controllers.
+    #[config(default = 64)]
+    pub gate_hidden: usize,
+    #[config(default = 256)]
+    pub g_dim: usize,
+    #[config(default = 4)]
+    pub g_layers: usize,
+    #[config(default = 256)]
+    pub f_dim: usize,
+    #[config(default = 0.5)]
+    pub dropout: f64,
+}
+
+/// The Relation Network with a modular CNN.
+#[derive(Module, Debug)]
+pub struct RelationNetwork {
+    pub embed: Embedding,
+    pub lstm: Lstm,
+    pub cnn: ModularResNeXt,
+    pub g_first_i: Linear,
+    pub g_first_j: Linear,
+    pub g_first_q: Linear,
+    pub g_rest: Vec<Linear>,
+    pub f1: Linear,
+    pub f2: Linear,
+    pub dropout: Dropout,
+    pub out: Linear,
+}
+
+/// Output of a forward pass.
+#[derive(Debug, Clone)]
+pub struct RnOutput {
+    /// Answer logits [N, answers].
+    pub logits: Tensor<2>,
+    /// Gates of every CNN block.
+    pub gates: Vec<Gates>,
+}
+
+impl RelationNetworkConfig {
+    /// Builds the model.
+    pub fn init(&self, device: &Device) -> MoeResult<RelationNetwork> {
+        for (what, v) in [
+            ("vocab_size", self.vocab_size),
+            ("num_answers", self.num_answers),
+            ("embed_dim", self.embed_dim),
+            ("question_dim", self.question_dim),
+            ("g_dim", self.g_dim),
+            ("g_layers", self.g_layers),
+            ("f_dim", self.f_dim),
+        ] {
+            if v == 0 {
+                return Err(MoeError::config(
+                    format!("relation network {what}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        let gate = GateSettings::new()
+            .with_question_dim(self.question_dim)
+            .with_hidden(self.gate_hidden);
+        let cnn = ModularResNeXtConfig::new(self.layout.clone(), self.k)
+            .with_gate(gate)
+            .init(device)?;
+        let obj_dim = self.layout.output_shape(self.layout.default_input())?.0 + 2;
+        let lin = |i, o| LinearConfig::new(i, o).init(device);
+        Ok(RelationNetwork {
+            embed: EmbeddingConfig::new(self.vocab_size, self.embed_dim).init(device),
+            lstm: LstmConfig::new(self.embed_dim, self.question_dim, true).init(device),
+            cnn,
+            g_first_i: LinearConfig::new(obj_dim, self.g_dim)
+                .with_bias(false)
+                .init(device),
+            g_first_j: LinearConfig::new(obj_dim, self.g_dim)
+                .with_bias(false)
+                .init(device),
+            g_first_q: lin(self.question_dim, self.g_dim),
+            g_rest: (1..self.g_layers)
+                .map(|_| lin(self.g_dim, self.g_dim))
+                .collect(),
+            f1: lin(self.g_dim, self.f_dim),
+            f2: lin(self.f_dim, self.f_dim),
+            dropout: DropoutConfig::new(self.dropout).init(),
+            out: lin(self.f_dim, self.num_answers),
+        })
+    }
+}
+
+/// (x, y) in [-1, 1] of each of the h*w cells, row-major, shape [h*w, 2].
+pub fn cell_coordinates(h: usize, w: usize, device: &Device) -> Tensor<2> {
+    let coord = |i: usize, n: usize| {
+        if n > 1 {
+            2.0 * i as f32 / (n - 1) as f32 - 1.0
+        } else {
+            0.0
+        }
+    };
+    let mut v = Vec::with_capacity(h * w * 2);
+    for y in 0..h {
+        for x in 0..w {
+            v.push(coord(x, w));
+            v.push(coord(y, h));
+        }
+    }
+    Tensor::from_data(TensorData::new(v, [h * w, 2]), device)
+}
+
+impl RelationNetwork {
+    /// Question vectors [N, B]: LSTM state at each question's last word.
+    /// `tokens` is [N, T] (padded with 0), `lengths[n]` in 1..=T.
+    pub fn encode_question(
+        &self,
+        tokens: Tensor<2, Int>,
+        lengths: &[usize],
+    ) -> MoeResult<Tensor<2>> {
+        let [n, t] = tokens.dims();
+        if lengths.len() != n || lengths.iter().any(|&l| l == 0 || l > t) {
+            return Err(MoeError::shape(
+                "question lengths",
+                format!("{n} lengths in 1..={t}"),
+                format!("{lengths:?}"),
+            ));
+        }
+        let device = tokens.device();
+        let (out, _) = self.lstm.forward(self.embed.forward(tokens), None); // [N, T, B]
+        let b = out.dims()[2];
+        let last: Vec<i64> = lengths
+            .iter()
+            .flat_map(|&l| std::iter::repeat_n((l - 1) as i64, b))
+            .collect();
+        let idx = Tensor::<3, Int>::from_data(TensorData::new(last, [n, 1, b]), &device);
+        Ok(out.gather(1, idx).reshape([n, b]))
+    }
+
+    /// g summed over all ordered object pairs, [N, g_dim].
+    pub fn relate(&self, objects: Tensor<3>, question: Tensor<2>) -> Tensor<2> {
+        let [n, d, _] = objects.dims();
+        let a = self.g_first_i.forward(objects.clone()); // [N, D, G]
+        let b = self.g_first_j.forward(objects);
+        let c = self.g_first_q.forward(question); // [N, G]
+        let g = a.dims()[2];
+        let mut h =
+            relu(a.unsqueeze_dim::<4>(2) + b.unsqueeze_dim::<4>(1) + c.reshape([n, 1, 1, g]))
+                .reshape([n * d * d, g]);
+        for layer in &self.g_rest {
+            h = relu(layer.forward(h));
+        }
+        h.reshape([n, d * d, g]).sum_dim(1).reshape([n, g])
+    }
+
+    /// Answer logits for images [N, 3, H, W] and questions.
+    pub fn forward(
+        &self,
+        images: Tensor<4>,
+        tokens: Tensor<2, Int>,
+        lengths: &[usize],
+        k: usize,
+        exec: Execution,
+    ) -> MoeResult<RnOutput> {
+        let q = self.encode_question(tokens, lengths)?;
+        let cnn = self.cnn.forward_k(images, Some(q.clone()), k, exec)?;
+        let [n, c, h, w] = cnn.features.dims();
+        let device = cnn.features.device();
+        let cells = cnn.features.reshape([n, c, h * w]).swap_dims(1, 2); // [N, D, C]
+        let coords = cell_coordinates(h, w, &device)
+            .unsqueeze_dim::<3>(0)
+            .repeat_dim(0, n);
+        let objects = Tensor::cat(vec![cells, coords], 2);
+        let [_, _, obj_dim] = objects.dims();
+        let expected = self.g_first_i.weight.dims()[0];
+        if obj_dim != expected {
+            return Err(MoeError::shape(
+                "relation network objects",
+                format!("{expected} features"),
+                obj_dim.to_string(),
+            ));
+        }
+        let r = self.relate(objects, q);
+        let x = relu(self.f1.forward(r));
+        let x = self.dropout.forward(relu(self.f2.forward(x)));
+        Ok(RnOutput {
+            logits: self.out.forward(x),
+            gates: cnn.gates,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn small(device: &Device) -> RelationNetwork {
+        RelationNetworkConfig::new(20, 7, 6)
+            .with_g_dim(16)
+            .with_f_dim(16)
+            .with_question_dim(12)
+            .with_gate_hidden(8)
+            .init(device)
+            .unwrap()
+    }
+
+    fn tokens(device: &Device) -> (Tensor<2, Int>, Vec<usize>) {
+        let t = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![3i64, 4, 5, 0, 6, 7, 0, 0], [2, 4]),
+            device,
+        );
+        (t, vec![3, 2])
+    }
+
+    #[test]
+    fn cheap_first_layer_equals_the_concatenated_form() {
+        let device = Device::default();
+        let net = small(&device);
+        let (n, d, o) = (2, 3, 26);
+        let objects = Tensor::<3>::random([n, d, o], Distribution::Normal(0.0, 1.0), &device);
+        let q = Tensor::<2>::random([n, 12], Distribution::Normal(0.0, 1.0), &device);
+        let fast = net.relate(objects.clone(), q.clone());
+        // Naive: build every pair [o_i; o_j; q] and apply the stacked weight.
+        let w = Tensor::cat(
+            vec![
+                net.g_first_i.weight.val(),
+                net.g_first_j.weight.val(),
+                net.g_first_q.weight.val(),
+            ],
+            0,
+        ); // [2*o + 12, G]
+        let bias = net.g_first_q.bias.as_ref().unwrap().val();
+        let mut sums = Vec::new();
+        for s in 0..n {
+            let mut acc: Option<Tensor<2>> = None;
+            for i in 0..d {
+                for j in 0..d {
+                    let oi = objects
+                        .clone()
+                        .slice([s..s + 1, i..i + 1, 0..o])
+                        .reshape([1, o]);
+                    let oj = objects
+                        .clone()
+                        .slice([s..s + 1, j..j + 1, 0..o])
+                        .reshape([1, o]);
+                    let qs = q.clone().slice([s..s + 1, 0..12]);
+                    let pair = Tensor::cat(vec![oi, oj, qs], 1);
+                    let mut h = relu(pair.matmul(w.clone()) + bias.clone().unsqueeze_dim::<2>(0));
+                    for layer in &net.g_rest {
+                        h = relu(layer.forward(h));
+                    }
+                    acc = Some(match acc {
+                        Some(a) => a + h,
+                        None => h,
+                    });
+                }
+            }
+            sums.push(acc.unwrap());
+        }
+        let naive = Tensor::cat(sums, 0);
+        let diff = (fast - naive.clone()).abs().max().into_scalar::<f32>();
+        let scale = naive.abs().max().into_scalar::<f32>();
+        assert!(diff <= 1e-4 * scale.max(1e-6), "diff {diff} scale {scale}");
+    }
+
+    #[test]
+    fn forward_shapes_and_gradients_reach_the_gates() {
+        let device = Device::default().autodiff();
+        let net = small(&device);
+        let img = Tensor::<4>::random([2, 3, 128, 128], Distribution::Normal(0.0, 1.0), &device);
+        let (t, len) = tokens(&device);
+        let out = net.forward(img, t, &len, 6, Execution::Dense).unwrap();
+        assert_eq!(out.logits.dims(), [2, 7]);
+        assert_eq!(out.gates.len(), 3);
+        let grads = out.logits.sum().backward();
+        for ctrl in &net.cnn.gates {
+            let g = ctrl.gate.weight.grad(&grads).expect("gate gradient");
+            assert!(g.abs().sum().into_scalar::<f32>() > 0.0);
+        }
+        assert!(net.embed.weight.grad(&grads).is_some());
+    }
+
+    #[test]
+    fn question_vector_reads_the_last_real_word() {
+        let device = Device::default();
+        let net = small(&device);
+        let (t, len) = tokens(&device);
+        let q = net.encode_question(t.clone(), &len).unwrap();
+        // Changing padding after the last word must not change the vector.
+        let t2 = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![3i64, 4, 5, 9, 6, 7, 9, 9], [2, 4]),
+            &device,
+        );
+        let q2 = net.encode_question(t2, &len).unwrap();
+        assert!((q - q2).abs().max().into_scalar::<f32>() < 1e-6);
+        assert!(net.encode_question(t.clone(), &[0, 2]).is_err());
+        assert!(net.encode_question(t, &[5, 2]).is_err());
+    }
+}
