@@ -95,6 +95,91 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The image loader alone: decode + resize throughput on a CLEVR-layout directory.
+    Loader {
+        /// Dataset directory in the CLEVR v1.0 layout.
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// Images per batch (decoded in parallel).
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Model input size (square).
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        /// Batches to time.
+        #[arg(long, default_value_t = 20)]
+        batches: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Serialize)]
+struct LoaderBench {
+    split: String,
+    batch: usize,
+    size: u32,
+    images: usize,
+    seconds: f64,
+    images_per_s: f64,
+    threads: usize,
+}
+
+fn cmd_bench_loader(
+    data: &std::path::Path,
+    split: &str,
+    batch: usize,
+    size: u32,
+    batches: usize,
+    json: bool,
+) -> Result<()> {
+    if batch == 0 || batches == 0 || size == 0 {
+        bail!("--batch, --batches and --size must be at least 1");
+    }
+    let ds = moevqa::data::clevr_reader::ClevrSplit::open(data, split)?;
+    // Distinct images, in question order, cycled if the split is small.
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    let mut last = None;
+    for q in &ds.questions {
+        if last != Some(q.image_index) {
+            files.push(ds.image_path(q));
+            last = Some(q.image_index);
+        }
+    }
+    if files.is_empty() {
+        bail!("{}: the {split} split has no questions", data.display());
+    }
+    let t0 = std::time::Instant::now();
+    let mut images = 0;
+    for b in 0..batches {
+        let chunk: Vec<_> = (0..batch)
+            .map(|i| files[(b * batch + i) % files.len()].clone())
+            .collect();
+        let buf = moevqa::data::clevr_reader::load_images(&chunk, size)?;
+        images += buf.len() / (3 * (size * size) as usize);
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let r = LoaderBench {
+        split: split.into(),
+        batch,
+        size,
+        images,
+        seconds,
+        images_per_s: images as f64 / seconds,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "loader: {} images ({}x{}, batches of {}) in {:.2} s: {:.0} images/s on {} threads",
+            r.images, size, size, batch, seconds, r.images_per_s, r.threads
+        );
+    }
+    Ok(())
 }
 
 fn pick_device(name: &str) -> Result<Device> {
@@ -303,19 +388,27 @@ fn run(cli: Cli) -> Result<()> {
             input,
             json,
         } => cmd_flops(&model, &k, input, json),
-        Command::Bench { what } => {
-            let device = pick_device(&cli.device)?;
-            match what {
-                BenchCommand::Block {
-                    preset,
-                    batch,
-                    k,
-                    iters,
-                    warmup,
-                    json,
-                } => cmd_bench_block(&device, &preset, batch, k, iters, warmup, json),
+        Command::Bench { what } => match what {
+            BenchCommand::Block {
+                preset,
+                batch,
+                k,
+                iters,
+                warmup,
+                json,
+            } => {
+                let device = pick_device(&cli.device)?;
+                cmd_bench_block(&device, &preset, batch, k, iters, warmup, json)
             }
-        }
+            BenchCommand::Loader {
+                data,
+                split,
+                batch,
+                size,
+                batches,
+                json,
+            } => cmd_bench_loader(&data, &split, batch, size, batches, json),
+        },
     }
 }
 

@@ -187,6 +187,31 @@ fn generate_sort_of_clevr_writes_the_layout_and_reports_errors() {
     ] {
         assert!(dir.join(f).is_file(), "missing {f}");
     }
+    let out = moevqa(&[
+        "bench",
+        "loader",
+        "--data",
+        d,
+        "--batch",
+        "3",
+        "--batches",
+        "2",
+        "--size",
+        "32",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["images"], 6);
+    assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
+    assert_one_line_error(
+        &moevqa(&["bench", "loader", "--data", d, "--split", "test"]),
+        "not a dataset directory",
+    );
     std::fs::remove_dir_all(&dir).unwrap();
     // A file where the directory should go.
     let file = std::env::temp_dir().join(format!("moevqa-cli-file-{}", std::process::id()));
