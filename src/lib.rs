@@ -18,5 +18,6 @@ pub mod flops;
 pub mod models;
 pub mod moe;
 pub mod text;
+pub mod train;
 
 pub use error::{MoeError, Result};
