@@ -7,6 +7,7 @@ use burn::tensor::Device;
 use clap::{Parser, Subcommand};
 use moevqa::bench::{bench_block, block_presets};
 use moevqa::cnn::{CnnLayout, GateSettings};
+use moevqa::data::sort_of_clevr::GenerateSummary;
 use moevqa::flops::{count_macs, paper_flops};
 use serde::Serialize;
 
@@ -41,6 +42,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Trains a model on a dataset directory (CLEVR v1.0 layout).
+    Train(TrainArgs),
+    /// Evaluates a trained run on a split, at any k.
+    Eval {
+        /// Run directory written by `train`.
+        #[arg(long)]
+        run: std::path::PathBuf,
+        /// Dataset directory (CLEVR v1.0 layout).
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long, default_value = "val")]
+        split: String,
+        /// Paths kept per block; default the run's k.
+        #[arg(long)]
+        k: Option<usize>,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Generates a dataset in the CLEVR v1.0 layout.
     Generate {
         #[command(subcommand)]
@@ -53,8 +75,188 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Dataset kind: `clevr` (any CLEVR-layout directory: CLEVR v1.0, sort-of-clevr, clevr-2d).
+    #[arg(long, default_value = "clevr")]
+    dataset: String,
+    #[arg(long)]
+    data: std::path::PathBuf,
+    /// Run directory (config, vocabularies, metrics.jsonl, checkpoint).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Paths kept per block (k = P = 12 is the dense baseline).
+    #[arg(long, default_value_t = 12)]
+    k: usize,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long, default_value_t = 2.5e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Continue from the run's last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Model input size (square).
+    #[arg(long, default_value_t = 128)]
+    image_size: u32,
+    /// Weight of the load-balancing loss.
+    #[arg(long, default_value_t = 0.01)]
+    balance_weight: f64,
+    /// Epochs of learning-rate and batch-size warm-up.
+    #[arg(long, default_value_t = 0)]
+    warmup_epochs: usize,
+    #[arg(long, default_value_t = 256)]
+    g_dim: usize,
+    #[arg(long, default_value_t = 256)]
+    f_dim: usize,
+    #[arg(long, default_value_t = 128)]
+    question_dim: usize,
+}
+
+struct BarProgress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl moevqa::train::run::Progress for BarProgress {
+    fn start_epoch(&mut self, epoch: usize, epochs: usize, total: usize) {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} questions, {per_sec}, ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+        self.bar = Some(bar);
+    }
+    fn batch(&mut self, done: usize, loss: f64, accuracy: f64) {
+        if let Some(b) = &self.bar {
+            b.set_position(done as u64);
+            b.set_message(format!("loss {loss:.4} acc {accuracy:.1}%"));
+        }
+    }
+    fn end_epoch(&mut self, line: &moevqa::train::run::EpochLine) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        let val = line.val.as_ref().map_or("no val split".to_string(), |v| {
+            format!("val acc {:.2}%", v.accuracy)
+        });
+        println!(
+            "epoch {}: loss {:.4}, train acc {:.2}%, {val}, {:.0} questions/s, lr {:.2e}, batch {}",
+            line.epoch,
+            line.train_loss,
+            line.train_accuracy,
+            line.questions_per_s,
+            line.lr,
+            line.batch
+        );
+    }
+}
+
+fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
+    if a.dataset != "clevr" {
+        bail!(
+            "--dataset '{}' is not supported yet: expected clevr",
+            a.dataset
+        );
+    }
+    let cfg = moevqa::train::run::RunConfig {
+        dataset: a.dataset,
+        data: a.data,
+        k: a.k,
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        seed: a.seed,
+        image_size: a.image_size,
+        balance_weight: a.balance_weight,
+        warmup_epochs: a.warmup_epochs,
+        g_dim: a.g_dim,
+        f_dim: a.f_dim,
+        question_dim: a.question_dim,
+    };
+    let mut progress = BarProgress { bar: None };
+    moevqa::train::run::train(&cfg, &a.out, a.resume, device, &mut progress)?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct EvalJson<'a> {
+    k: usize,
+    questions: usize,
+    accuracy: f64,
+    by_family: &'a std::collections::BTreeMap<String, f64>,
+    cnn_macs_per_image: u64,
+    expert_usage: &'a [Vec<u64>],
+}
+
+fn cmd_eval(
+    device: &Device,
+    run: &std::path::Path,
+    data: &std::path::Path,
+    split: &str,
+    k: Option<usize>,
+    batch: usize,
+    json: bool,
+) -> Result<()> {
+    let (cfg, report) = moevqa::train::run::evaluate_run(run, data, split, k, batch, device)?;
+    let gate = GateSettings::new().with_question_dim(cfg.question_dim);
+    let macs = count_macs(
+        &CnnLayout::clevr(),
+        (cfg.image_size as usize, cfg.image_size as usize),
+        Some(report.k),
+        &gate,
+    )?;
+    if json {
+        let j = EvalJson {
+            k: report.k,
+            questions: report.questions,
+            accuracy: report.accuracy,
+            by_family: &report.by_family,
+            cnn_macs_per_image: macs.cnn_macs,
+            expert_usage: &report.expert_usage,
+        };
+        println!("{}", serde_json::to_string(&j)?);
+        return Ok(());
+    }
+    println!(
+        "{split}: {} questions, k = {}, accuracy {:.2}%, CNN {:.3e} MACs/image",
+        report.questions, report.k, report.accuracy, macs.cnn_macs as f64
+    );
+    for (f, acc) in &report.by_family {
+        println!("  {f:<20} {acc:6.2}%");
+    }
+    Ok(())
+}
+
 #[derive(Subcommand, Debug)]
 enum GenerateCommand {
+    /// CLEVR-like 2D scenes (3-8 objects, 8 colours, 3 shapes, 2 sizes) with CLEVR's question families.
+    #[command(name = "clevr-2d")]
+    Clevr2d {
+        /// Output directory (created; existing files of the same names are replaced).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        train_images: usize,
+        #[arg(long, default_value_t = 200)]
+        val_images: usize,
+        #[arg(long, default_value_t = 10)]
+        questions_per_image: usize,
+        /// Image side in pixels (at least 64).
+        #[arg(long, default_value_t = 128)]
+        image_size: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sort-of-CLEVR: 75x75 images, six objects, 10 non-relational and 10 relational questions each.
     SortOfClevr {
         /// Output directory (created; existing files of the same names are replaced).
@@ -345,8 +547,50 @@ fn cmd_bench_block(
     Ok(())
 }
 
+fn print_summary(
+    name: &str,
+    out: &std::path::Path,
+    s: &GenerateSummary,
+    seconds: f64,
+    json: bool,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+    } else {
+        println!(
+            "wrote {name} to {}: {} train images ({} questions), {} val images ({} questions) in {seconds:.1} s",
+            out.display(),
+            s.train_images,
+            s.train_questions,
+            s.val_images,
+            s.val_questions,
+        );
+    }
+    Ok(())
+}
+
 fn cmd_generate(what: GenerateCommand) -> Result<()> {
+    let t0 = std::time::Instant::now();
     match what {
+        GenerateCommand::Clevr2d {
+            out,
+            train_images,
+            val_images,
+            questions_per_image,
+            image_size,
+            seed,
+            json,
+        } => {
+            let cfg = moevqa::data::clevr2d::Clevr2dConfig {
+                train_images,
+                val_images,
+                questions_per_image,
+                image_size,
+                seed,
+            };
+            let s = moevqa::data::clevr2d::generate(&out, &cfg)?;
+            print_summary("clevr-2d", &out, &s, t0.elapsed().as_secs_f64(), json)
+        }
         GenerateCommand::SortOfClevr {
             out,
             train_images,
@@ -359,22 +603,8 @@ fn cmd_generate(what: GenerateCommand) -> Result<()> {
                 val_images,
                 seed,
             };
-            let t0 = std::time::Instant::now();
             let s = moevqa::data::sort_of_clevr::generate(&out, &cfg)?;
-            if json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                println!(
-                    "wrote Sort-of-CLEVR to {}: {} train images ({} questions), {} val images ({} questions) in {:.1} s",
-                    out.display(),
-                    s.train_images,
-                    s.train_questions,
-                    s.val_images,
-                    s.val_questions,
-                    t0.elapsed().as_secs_f64()
-                );
-            }
-            Ok(())
+            print_summary("Sort-of-CLEVR", &out, &s, t0.elapsed().as_secs_f64(), json)
         }
     }
 }
@@ -382,6 +612,23 @@ fn cmd_generate(what: GenerateCommand) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate { what } => cmd_generate(what),
+        Command::Train(args) => cmd_train(&pick_device(&cli.device)?, args),
+        Command::Eval {
+            run,
+            data,
+            split,
+            k,
+            batch,
+            json,
+        } => cmd_eval(
+            &pick_device(&cli.device)?,
+            &run,
+            &data,
+            &split,
+            k,
+            batch,
+            json,
+        ),
         Command::Flops {
             model,
             k,

@@ -1,5 +1,6 @@
 //! Datasets: the CLEVR v1.0 layout and the generators that write it.
 
+pub mod clevr2d;
 pub mod clevr_format;
 pub mod clevr_reader;
 pub mod sort_of_clevr;

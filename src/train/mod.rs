@@ -1,6 +1,8 @@
 //! Training, evaluation and run directories.
 
+pub mod checkpoint;
 pub mod clevr;
+pub mod run;
 
 use thiserror::Error;
 

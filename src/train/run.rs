@@ -1,0 +1,325 @@
+//! A training run directory and the loop over epochs.
+//!
+//! `RUN/config.json` (the settings), `RUN/vocab.json` (word and answer
+//! vocabularies of the train split), `RUN/metrics.jsonl` (one JSON line per
+//! epoch), `RUN/checkpoint/` (model, optimizer and trainer state after the
+//! last completed epoch, swapped in atomically).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::clevr_format::write_json_atomic;
+use crate::data::clevr_reader::ClevrSplit;
+use crate::models::RelationNetworkConfig;
+use crate::moe::BalanceLossConfig;
+use crate::train::TrainError;
+use crate::train::checkpoint::{TrainState, has_checkpoint, load_checkpoint, save_checkpoint};
+use crate::train::clevr::{
+    EpochSettings, EvalReport, RunVocab, adam, build_model, encode_split, evaluate, train_epoch,
+};
+use burn::module::Module;
+use burn::tensor::Device;
+
+/// Settings of a run, saved as `RUN/config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunConfig {
+    pub dataset: String,
+    pub data: PathBuf,
+    pub k: usize,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub seed: u64,
+    pub image_size: u32,
+    pub balance_weight: f64,
+    /// Epochs of linear learning-rate and batch-size warm-up (0: none).
+    pub warmup_epochs: usize,
+    pub g_dim: usize,
+    pub f_dim: usize,
+    pub question_dim: usize,
+}
+
+impl RunConfig {
+    /// Model settings of this run (vocabulary sizes are filled in later).
+    pub fn model(&self) -> RelationNetworkConfig {
+        RelationNetworkConfig::new(0, 0, self.k)
+            .with_g_dim(self.g_dim)
+            .with_f_dim(self.f_dim)
+            .with_question_dim(self.question_dim)
+    }
+
+    /// Learning rate and batch size of an epoch under warm-up: the batch
+    /// doubles up to `batch` and the rate rises linearly to `lr`.
+    pub fn schedule(&self, epoch: usize) -> (f64, usize) {
+        if epoch >= self.warmup_epochs {
+            return (self.lr, self.batch);
+        }
+        let left = (self.warmup_epochs - epoch) as u32;
+        let batch = (self.batch >> left.min(16)).max(1);
+        (
+            self.lr * (epoch + 1) as f64 / (self.warmup_epochs + 1) as f64,
+            batch,
+        )
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |flag: &str, msg: &str| Err(TrainError::Input(format!("{flag}: {msg}")));
+        if self.epochs == 0 {
+            return bad("--epochs", "must be at least 1");
+        }
+        if self.batch == 0 {
+            return bad("--batch", "must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("--lr", "must be a positive number");
+        }
+        if self.image_size < 32 {
+            return bad("--image-size", "must be at least 32 pixels");
+        }
+        if !(self.balance_weight.is_finite() && self.balance_weight >= 0.0) {
+            return bad("--balance-weight", "must be a number >= 0");
+        }
+        Ok(())
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLine {
+    pub epoch: usize,
+    pub lr: f64,
+    pub batch: usize,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub questions_per_s: f64,
+    pub seconds: f64,
+    pub val: Option<EvalReport>,
+}
+
+/// Paths inside a run directory.
+pub struct RunPaths {
+    pub root: PathBuf,
+    pub config: PathBuf,
+    pub vocab: PathBuf,
+    pub metrics: PathBuf,
+    pub checkpoint: PathBuf,
+}
+
+impl RunPaths {
+    /// The paths under `root`.
+    pub fn new(root: &Path) -> Self {
+        RunPaths {
+            root: root.to_path_buf(),
+            config: root.join("config.json"),
+            vocab: root.join("vocab.json"),
+            metrics: root.join("metrics.jsonl"),
+            checkpoint: root.join("checkpoint"),
+        }
+    }
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+/// Reads a run's config.
+pub fn load_config(path: &Path) -> Result<RunConfig, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    serde_json::from_str(&text).map_err(|e| io_err(path, format!("not a run config: {e}")))
+}
+
+/// Progress callbacks of [`train`].
+pub trait Progress {
+    /// Start of an epoch of `total` questions.
+    fn start_epoch(&mut self, epoch: usize, epochs: usize, total: usize);
+    /// After a batch.
+    fn batch(&mut self, done: usize, loss: f64, accuracy: f64);
+    /// End of an epoch.
+    fn end_epoch(&mut self, line: &EpochLine);
+}
+
+/// Trains (or resumes) a Relation Network run. `device` is the plain device;
+/// training uses its autodiff form.
+pub fn train(
+    cfg: &RunConfig,
+    out: &Path,
+    resume: bool,
+    device: &Device,
+    progress: &mut dyn Progress,
+) -> Result<Vec<EpochLine>, TrainError> {
+    cfg.validate()?;
+    let paths = RunPaths::new(out);
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    let resuming = resume && has_checkpoint(&paths.checkpoint);
+    if !resume && (has_checkpoint(&paths.checkpoint) || paths.metrics.exists()) {
+        return Err(TrainError::Input(format!(
+            "{}: already holds a run; pass --resume to continue it or choose another --out",
+            out.display()
+        )));
+    }
+    if resuming {
+        let saved = load_config(&paths.config)?;
+        // Everything but the number of epochs must match (a resume may extend a run).
+        let same = RunConfig {
+            epochs: saved.epochs,
+            ..cfg.clone()
+        };
+        if saved != same {
+            return Err(TrainError::Input(format!(
+                "{}: saved with other settings than given now; resume with the same flags",
+                paths.config.display()
+            )));
+        }
+    }
+    let train_split = ClevrSplit::open(&cfg.data, "train")?;
+    let val_split = ClevrSplit::open(&cfg.data, "val").ok();
+    let vocab = if resuming {
+        RunVocab::load(&paths.vocab)?
+    } else {
+        RunVocab::from_train(&train_split)
+    };
+    write_json_atomic(&paths.config, cfg)?;
+    if !resuming {
+        write_json_atomic(&paths.vocab, &vocab)?;
+    }
+    let items = encode_split(&train_split, &vocab.words, &vocab.answers)?;
+    let val_items = match &val_split {
+        Some(v) => Some(encode_split(v, &vocab.words, &vocab.answers)?),
+        None => None,
+    };
+    device.seed(cfg.seed);
+    let ad = device.clone().autodiff();
+    let mut model = build_model(&vocab, cfg.model(), &ad)?;
+    let mut optim = adam();
+    let mut start = 0;
+    if resuming {
+        let (m, o, state) = load_checkpoint(&paths.checkpoint, model, optim, &ad)
+            .map_err(|e| TrainError::Io(e.to_string()))?;
+        model = m;
+        optim = o;
+        start = state.epoch;
+        rewrite_metrics(&paths.metrics, &state)?;
+    }
+    let mut lines = Vec::new();
+    for epoch in start..cfg.epochs {
+        let (lr, batch) = cfg.schedule(epoch);
+        let settings = EpochSettings {
+            k: cfg.k,
+            batch,
+            lr,
+            image_size: cfg.image_size,
+            balance: BalanceLossConfig::new().with_weight(cfg.balance_weight),
+            seed: cfg.seed,
+            epoch,
+        };
+        progress.start_epoch(
+            epoch,
+            cfg.epochs,
+            items.iter().filter(|e| e.answer.is_some()).count(),
+        );
+        let (m, stats) = train_epoch(
+            model,
+            &mut optim,
+            &items,
+            &settings,
+            &ad,
+            |done, _, loss, acc| progress.batch(done, loss, acc),
+        )?;
+        model = m;
+        let val = match &val_items {
+            Some(v) => Some(evaluate(
+                &model.valid(),
+                v,
+                cfg.k,
+                cfg.batch,
+                cfg.image_size,
+                device,
+            )?),
+            None => None,
+        };
+        let line = EpochLine {
+            epoch: epoch + 1,
+            lr,
+            batch,
+            train_loss: stats.loss,
+            train_accuracy: stats.accuracy,
+            questions_per_s: stats.questions_per_s,
+            seconds: stats.seconds,
+            val,
+        };
+        let state = TrainState {
+            epoch: epoch + 1,
+            step: 0,
+            seed: cfg.seed,
+            metrics: serde_json::to_value(&line).unwrap_or_default(),
+        };
+        save_checkpoint(&paths.checkpoint, &model, &optim, &state)
+            .map_err(|e| TrainError::Io(e.to_string()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.metrics)
+            .map_err(|e| io_err(&paths.metrics, e))?;
+        let json = serde_json::to_string(&line).map_err(|e| io_err(&paths.metrics, e))?;
+        writeln!(f, "{json}").map_err(|e| io_err(&paths.metrics, e))?;
+        progress.end_epoch(&line);
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
+/// After a resume: keep the metric lines of the epochs the checkpoint holds
+/// (a run killed after its checkpoint but before its metric line gets the
+/// line back from the checkpoint; one killed the other way round loses the
+/// extra line, whose epoch will run again).
+fn rewrite_metrics(path: &Path, state: &TrainState) -> Result<(), TrainError> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut kept: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<EpochLine>(l)
+                .map(|e| e.epoch < state.epoch)
+                .unwrap_or(false)
+        })
+        .map(str::to_string)
+        .collect();
+    if state.epoch > 0 && !state.metrics.is_null() {
+        kept.push(state.metrics.to_string());
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&tmp, body).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
+
+/// Loads a run (config, vocabularies, model weights of its last checkpoint)
+/// and evaluates it on `split` of `data`, sparse at `k` (default the run's).
+pub fn evaluate_run(
+    run: &Path,
+    data: &Path,
+    split: &str,
+    k: Option<usize>,
+    batch: usize,
+    device: &Device,
+) -> Result<(RunConfig, EvalReport), TrainError> {
+    let paths = RunPaths::new(run);
+    let cfg = load_config(&paths.config)?;
+    let vocab = RunVocab::load(&paths.vocab)?;
+    if !has_checkpoint(&paths.checkpoint) {
+        return Err(TrainError::Input(format!(
+            "{}: no checkpoint (train at least one epoch first)",
+            paths.checkpoint.display()
+        )));
+    }
+    let model = build_model(&vocab, cfg.model(), device)?;
+    let (model, _, _) = load_checkpoint(&paths.checkpoint, model, adam(), device)
+        .map_err(|e| TrainError::Io(e.to_string()))?;
+    let ds = ClevrSplit::open(data, split)?;
+    let items = encode_split(&ds, &vocab.words, &vocab.answers)?;
+    let k = k.unwrap_or(cfg.k);
+    let report = evaluate(&model.valid(), &items, k, batch, cfg.image_size, device)?;
+    Ok((cfg, report))
+}
