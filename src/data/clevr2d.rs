@@ -51,8 +51,7 @@ use serde::Serialize;
 
 use crate::data::DataError;
 use crate::data::clevr_format::{
-    ProgramStep, Question, QuestionFile, Scene, SceneFile, SceneObject, create_dir, image_filename,
-    split_paths, write_json_atomic,
+    ProgramStep, Question, Scene, SceneObject, create_split, image_filename, write_split,
 };
 pub use crate::data::sort_of_clevr::GenerateSummary;
 
@@ -679,15 +678,7 @@ pub fn generate(out: &Path, cfg: &Clevr2dConfig) -> Result<GenerateSummary, Data
         .into_iter()
         .enumerate()
     {
-        let paths = split_paths(out, split);
-        create_dir(&paths.images)?;
-        create_dir(
-            paths
-                .questions
-                .parent()
-                .expect("questions path has a parent"),
-        )?;
-        create_dir(paths.scenes.parent().expect("scenes path has a parent"))?;
+        let paths = create_split(out, split)?;
         let mut rng = ChaCha8Rng::seed_from_u64(
             cfg.seed
                 .wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
@@ -742,15 +733,7 @@ pub fn generate(out: &Path, cfg: &Clevr2dConfig) -> Result<GenerateSummary, Data
             "image_size": cfg.image_size,
             "questions_per_image": cfg.questions_per_image,
         });
-        counts[split_id] = questions.len();
-        write_json_atomic(
-            &paths.questions,
-            &QuestionFile {
-                info: info.clone(),
-                questions,
-            },
-        )?;
-        write_json_atomic(&paths.scenes, &SceneFile { info, scenes })?;
+        counts[split_id] = write_split(&paths, info, questions, scenes)?;
     }
     Ok(GenerateSummary {
         train_images: cfg.train_images,
@@ -763,6 +746,7 @@ pub fn generate(out: &Path, cfg: &Clevr2dConfig) -> Result<GenerateSummary, Data
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::clevr_format::{QuestionFile, SceneFile, read_split_files, split_paths};
 
     fn tmp(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("moevqa-c2d-{name}-{}", std::process::id()));
@@ -771,10 +755,7 @@ mod tests {
     }
 
     fn load(dir: &Path, split: &str) -> (QuestionFile, SceneFile) {
-        let p = split_paths(dir, split);
-        let q = serde_json::from_slice(&std::fs::read(p.questions).unwrap()).unwrap();
-        let s = serde_json::from_slice(&std::fs::read(p.scenes).unwrap()).unwrap();
-        (q, s)
+        read_split_files(dir, split).unwrap()
     }
 
     fn cfg(train: usize, val: usize, image_size: u32, seed: u64) -> Clevr2dConfig {

@@ -120,3 +120,52 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Dat
     };
     write().map_err(|e| DataError::io(path, e))
 }
+
+/// Creates the image, question and scene directories of a split.
+pub fn create_split(root: &Path, split: &str) -> Result<SplitPaths, DataError> {
+    let paths = split_paths(root, split);
+    create_dir(&paths.images)?;
+    for file in [&paths.questions, &paths.scenes] {
+        if let Some(parent) = file.parent() {
+            create_dir(parent)?;
+        }
+    }
+    Ok(paths)
+}
+
+/// Writes the question and scene files of a split; returns the number of questions.
+pub fn write_split(
+    paths: &SplitPaths,
+    info: serde_json::Value,
+    questions: Vec<Question>,
+    scenes: Vec<Scene>,
+) -> Result<usize, DataError> {
+    let n = questions.len();
+    write_json_atomic(
+        &paths.questions,
+        &QuestionFile {
+            info: info.clone(),
+            questions,
+        },
+    )?;
+    write_json_atomic(&paths.scenes, &SceneFile { info, scenes })?;
+    Ok(n)
+}
+
+/// Reads the question and scene files of a split (generated sets, tests).
+pub fn read_split_files(root: &Path, split: &str) -> Result<(QuestionFile, SceneFile), DataError> {
+    let paths = split_paths(root, split);
+    let read = |path: &Path| -> Result<Vec<u8>, DataError> {
+        fs::read(path).map_err(|e| DataError::io(path, e))
+    };
+    let json = |path: &Path, e: serde_json::Error| DataError::Json {
+        path: path.to_path_buf(),
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    };
+    let q =
+        serde_json::from_slice(&read(&paths.questions)?).map_err(|e| json(&paths.questions, e))?;
+    let s = serde_json::from_slice(&read(&paths.scenes)?).map_err(|e| json(&paths.scenes, e))?;
+    Ok((q, s))
+}
