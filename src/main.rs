@@ -118,6 +118,10 @@ struct TrainArgs {
 
 struct BarProgress {
     bar: Option<indicatif::ProgressBar>,
+    /// Without a terminal the bar is hidden: print a plain line every tenth of an epoch instead.
+    started: std::time::Instant,
+    total: usize,
+    next_line: usize,
 }
 
 impl moevqa::train::run::Progress for BarProgress {
@@ -131,12 +135,24 @@ impl moevqa::train::run::Progress for BarProgress {
             .progress_chars("=> "),
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+        self.started = std::time::Instant::now();
+        self.total = total;
+        self.next_line = total / 10;
         self.bar = Some(bar);
     }
     fn batch(&mut self, done: usize, loss: f64, accuracy: f64) {
         if let Some(b) = &self.bar {
             b.set_position(done as u64);
             b.set_message(format!("loss {loss:.4} acc {accuracy:.1}%"));
+            if b.is_hidden() && done >= self.next_line && done < self.total {
+                let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+                eprintln!(
+                    "  {done}/{} questions, loss {loss:.4}, acc {accuracy:.1}%, {rate:.0} questions/s, ETA {:.0} s",
+                    self.total,
+                    (self.total - done) as f64 / rate
+                );
+                self.next_line += (self.total / 10).max(1);
+            }
         }
     }
     fn end_epoch(&mut self, line: &moevqa::train::run::EpochLine) {
@@ -180,7 +196,12 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
         f_dim: a.f_dim,
         question_dim: a.question_dim,
     };
-    let mut progress = BarProgress { bar: None };
+    let mut progress = BarProgress {
+        bar: None,
+        started: std::time::Instant::now(),
+        total: 0,
+        next_line: 0,
+    };
     moevqa::train::run::train(&cfg, &a.out, a.resume, device, &mut progress)?;
     Ok(())
 }
