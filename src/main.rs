@@ -63,6 +63,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Predicts every question of a split (the test split needs no answers).
+    Predict {
+        #[arg(long)]
+        run: std::path::PathBuf,
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Output JSON file: [{"image_filename", "question_index", "answer"}].
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long)]
+        k: Option<usize>,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+    },
+    /// Answers one question about one image.
+    Answer {
+        #[arg(long)]
+        run: std::path::PathBuf,
+        #[arg(long)]
+        image: std::path::PathBuf,
+        #[arg(long)]
+        question: String,
+        #[arg(long)]
+        k: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Generates a dataset in the CLEVR v1.0 layout.
     Generate {
         #[command(subcommand)]
@@ -630,10 +659,69 @@ fn cmd_generate(what: GenerateCommand) -> Result<()> {
     }
 }
 
+fn cmd_predict(
+    device: &Device,
+    run: &std::path::Path,
+    data: &std::path::Path,
+    split: &str,
+    out: &std::path::Path,
+    k: Option<usize>,
+    batch: usize,
+) -> Result<()> {
+    let preds = moevqa::train::run::predict_run(run, data, split, k, batch, device)?;
+    moevqa::data::clevr_format::write_json_atomic(out, &preds)?;
+    println!("wrote {} predictions to {}", preds.len(), out.display());
+    Ok(())
+}
+
+fn cmd_answer(
+    device: &Device,
+    run: &std::path::Path,
+    image: &std::path::Path,
+    question: &str,
+    k: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    let a = moevqa::train::run::answer_one(run, image, question, k, device)?;
+    if json {
+        println!("{}", serde_json::to_string(&a)?);
+        return Ok(());
+    }
+    println!("{} (p = {:.3}, k = {})", a.answer, a.probability, a.k);
+    for (i, block) in a.experts.iter().enumerate() {
+        let list: Vec<String> = block.iter().map(|(e, g)| format!("{e} ({g:.3})")).collect();
+        println!("  block {}: experts {}", i + 1, list.join(", "));
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate { what } => cmd_generate(what),
         Command::Train(args) => cmd_train(&pick_device(&cli.device)?, args),
+        Command::Predict {
+            run,
+            data,
+            split,
+            out,
+            k,
+            batch,
+        } => cmd_predict(
+            &pick_device(&cli.device)?,
+            &run,
+            &data,
+            &split,
+            &out,
+            k,
+            batch,
+        ),
+        Command::Answer {
+            run,
+            image,
+            question,
+            k,
+            json,
+        } => cmd_answer(&pick_device(&cli.device)?, &run, &image, &question, k, json),
         Command::Eval {
             run,
             data,

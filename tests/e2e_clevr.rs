@@ -29,7 +29,7 @@ fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn generate_train_eval_resume() {
+fn generate_train_eval_predict_answer_resume() {
     let root = std::env::temp_dir().join(format!("moevqa-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let data = root.join("data");
@@ -126,6 +126,102 @@ fn generate_train_eval_resume() {
     let twin = root.join("twin");
     ok(train(&twin, "1", &[]));
     assert_eq!(metric_lines(&twin)[0]["train_loss"], lines[0]["train_loss"]);
+
+    // A test split without answers or programs still predicts.
+    let val_q: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data.join("questions/CLEVR_val_questions.json")).unwrap(),
+    )
+    .unwrap();
+    let test_q: Vec<serde_json::Value> = val_q["questions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            serde_json::json!({"split": "test", "question_index": i, "image_index": q["image_index"],
+                "image_filename": q["image_filename"], "question": q["question"]})
+        })
+        .collect();
+    std::fs::write(
+        data.join("questions/CLEVR_test_questions.json"),
+        serde_json::to_vec(&serde_json::json!({"info": {}, "questions": test_q})).unwrap(),
+    )
+    .unwrap();
+    let test_images = data.join("images/test");
+    std::fs::create_dir_all(&test_images).unwrap();
+    for e in std::fs::read_dir(data.join("images/val")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), test_images.join(e.file_name())).unwrap();
+    }
+    let preds_path = root.join("preds.json");
+    ok(moevqa(&[
+        "predict",
+        "--run",
+        r,
+        "--data",
+        d,
+        "--split",
+        "test",
+        "--out",
+        preds_path.to_str().unwrap(),
+    ]));
+    let preds: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&preds_path).unwrap()).unwrap();
+    assert_eq!(preds.len(), 40);
+    assert_eq!(preds[7]["question_index"], 7);
+    assert!(
+        preds
+            .iter()
+            .all(|p| p["answer"].as_str().is_some_and(|a| !a.is_empty()))
+    );
+
+    // One question about one image.
+    let img = data.join("images/val/CLEVR_val_000000.png");
+    let img = img.to_str().unwrap();
+    let out = ok(moevqa(&[
+        "answer",
+        "--run",
+        r,
+        "--image",
+        img,
+        "--question",
+        "What is the shape of the red object?",
+        "--k",
+        "6",
+        "--json",
+    ]));
+    let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = a["probability"].as_f64().unwrap();
+    assert!(p > 0.0 && p <= 1.0);
+    let experts = a["experts"].as_array().unwrap();
+    assert_eq!(experts.len(), 3);
+    assert!(experts.iter().all(|b| b.as_array().unwrap().len() == 6));
+    let unknown = moevqa(&[
+        "answer",
+        "--run",
+        r,
+        "--image",
+        img,
+        "--question",
+        "xyzzy plugh",
+    ]);
+    assert!(
+        !unknown.status.success()
+            && String::from_utf8_lossy(&unknown.stderr).contains("vocabulary")
+    );
+    let missing = moevqa(&[
+        "answer",
+        "--run",
+        r,
+        "--image",
+        "/nonexistent.png",
+        "--question",
+        "What shape?",
+    ]);
+    assert!(
+        !missing.status.success()
+            && String::from_utf8_lossy(&missing.stderr).contains("/nonexistent.png")
+    );
 
     // Bad input: a directory that is not in the CLEVR layout.
     let bad = moevqa(&["eval", "--run", r, "--data", root.to_str().unwrap()]);

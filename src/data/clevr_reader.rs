@@ -18,6 +18,9 @@ use crate::data::clevr_format::split_paths;
 /// A question as the model needs it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ClevrQuestion {
+    /// Index in the split's question file (absent in some files).
+    #[serde(default)]
+    pub question_index: Option<usize>,
     pub image_index: usize,
     pub image_filename: String,
     pub question: String,

@@ -10,14 +10,17 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cnn::Execution;
 use crate::data::clevr_format::write_json_atomic;
 use crate::data::clevr_reader::ClevrSplit;
+use crate::models::RelationNetwork;
 use crate::models::RelationNetworkConfig;
 use crate::moe::BalanceLossConfig;
 use crate::train::TrainError;
 use crate::train::checkpoint::{TrainState, has_checkpoint, load_checkpoint, save_checkpoint};
 use crate::train::clevr::{
-    EpochSettings, EvalReport, RunVocab, adam, build_model, encode_split, evaluate, train_epoch,
+    Encoded, EpochSettings, EvalReport, RunVocab, adam, build_model, encode_split, evaluate,
+    make_batch, train_epoch,
 };
 use burn::module::Module;
 use burn::tensor::Device;
@@ -295,8 +298,52 @@ fn rewrite_metrics(path: &Path, state: &TrainState) -> Result<(), TrainError> {
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 
-/// Loads a run (config, vocabularies, model weights of its last checkpoint)
-/// and evaluates it on `split` of `data`, sparse at `k` (default the run's).
+/// A trained run ready for inference (eval mode).
+pub struct LoadedRun {
+    pub config: RunConfig,
+    pub vocab: RunVocab,
+    pub model: RelationNetwork,
+}
+
+/// Loads a run's config, vocabularies and the model of its last checkpoint.
+pub fn load_run(run: &Path, device: &Device) -> Result<LoadedRun, TrainError> {
+    let paths = RunPaths::new(run);
+    let config = load_config(&paths.config)?;
+    let vocab = RunVocab::load(&paths.vocab)?;
+    if !has_checkpoint(&paths.checkpoint) {
+        return Err(TrainError::Input(format!(
+            "{}: no checkpoint (train at least one epoch first)",
+            paths.checkpoint.display()
+        )));
+    }
+    let model = build_model(&vocab, config.model(), device)?;
+    let (model, _, _) = load_checkpoint(&paths.checkpoint, model, adam(), device)
+        .map_err(|e| TrainError::Io(e.to_string()))?;
+    Ok(LoadedRun {
+        config,
+        vocab,
+        model: model.valid(),
+    })
+}
+
+/// Runs a trained run over `split` of `data`, sparse at `k` (default the run's).
+fn run_over_split(
+    run: &Path,
+    data: &Path,
+    split: &str,
+    k: Option<usize>,
+    batch: usize,
+    device: &Device,
+) -> Result<(LoadedRun, ClevrSplit, EvalReport), TrainError> {
+    let r = load_run(run, device)?;
+    let ds = ClevrSplit::open(data, split)?;
+    let items = encode_split(&ds, &r.vocab.words, &r.vocab.answers)?;
+    let k = k.unwrap_or(r.config.k);
+    let report = evaluate(&r.model, &items, k, batch, r.config.image_size, device)?;
+    Ok((r, ds, report))
+}
+
+/// Evaluates a run on `split` of `data`, sparse at `k` (default the run's).
 pub fn evaluate_run(
     run: &Path,
     data: &Path,
@@ -305,21 +352,107 @@ pub fn evaluate_run(
     batch: usize,
     device: &Device,
 ) -> Result<(RunConfig, EvalReport), TrainError> {
-    let paths = RunPaths::new(run);
-    let cfg = load_config(&paths.config)?;
-    let vocab = RunVocab::load(&paths.vocab)?;
-    if !has_checkpoint(&paths.checkpoint) {
+    let (r, _, report) = run_over_split(run, data, split, k, batch, device)?;
+    Ok((r.config, report))
+}
+
+/// One line of a predictions file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Prediction {
+    pub image_filename: String,
+    pub question_index: usize,
+    pub answer: String,
+}
+
+/// Predicts every question of `split` (answers need not be present).
+pub fn predict_run(
+    run: &Path,
+    data: &Path,
+    split: &str,
+    k: Option<usize>,
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<Prediction>, TrainError> {
+    let (r, ds, report) = run_over_split(run, data, split, k, batch, device)?;
+    Ok(ds
+        .questions
+        .iter()
+        .zip(report.predictions)
+        .enumerate()
+        .map(|(i, (q, p))| Prediction {
+            image_filename: q.image_filename.clone(),
+            question_index: q.question_index.unwrap_or(i),
+            answer: r.vocab.answers.token(p).unwrap_or("").to_string(),
+        })
+        .collect())
+}
+
+/// The answer to one question about one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct SingleAnswer {
+    pub answer: String,
+    pub probability: f64,
+    pub k: usize,
+    /// Experts chosen in each block, best first, with their gate values.
+    pub experts: Vec<Vec<(usize, f64)>>,
+}
+
+/// Answers `question` about the image file `image` with a trained run.
+pub fn answer_one(
+    run: &Path,
+    image: &Path,
+    question: &str,
+    k: Option<usize>,
+    device: &Device,
+) -> Result<SingleAnswer, TrainError> {
+    let r = load_run(run, device)?;
+    let (tokens, known) = r.vocab.words.encode(question);
+    if known == 0 {
         return Err(TrainError::Input(format!(
-            "{}: no checkpoint (train at least one epoch first)",
-            paths.checkpoint.display()
+            "--question \"{question}\": no word of it is in the run's vocabulary"
         )));
     }
-    let model = build_model(&vocab, cfg.model(), device)?;
-    let (model, _, _) = load_checkpoint(&paths.checkpoint, model, adam(), device)
-        .map_err(|e| TrainError::Io(e.to_string()))?;
-    let ds = ClevrSplit::open(data, split)?;
-    let items = encode_split(&ds, &vocab.words, &vocab.answers)?;
-    let k = k.unwrap_or(cfg.k);
-    let report = evaluate(&model.valid(), &items, k, batch, cfg.image_size, device)?;
-    Ok((cfg, report))
+    let item = Encoded {
+        tokens,
+        answer: None,
+        image: image.to_path_buf(),
+        family: String::new(),
+    };
+    let b = make_batch(&[&item], r.config.image_size, device)?;
+    let k = k.unwrap_or(r.config.k);
+    let out = r
+        .model
+        .forward(b.images, b.tokens, &b.lengths, k, Execution::Sparse)?;
+    let probs = burn::tensor::activation::softmax(out.logits, 1)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| TrainError::Input(format!("logits: {e:?}")))?;
+    let (best, p) =
+        probs.iter().enumerate().fold(
+            (0, f32::MIN),
+            |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+        );
+    let mut experts = Vec::new();
+    for g in &out.gates {
+        let values = g
+            .values
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| TrainError::Input(format!("gates: {e:?}")))?;
+        experts.push(
+            g.indices[0]
+                .iter()
+                .map(|&e| (e, values[e] as f64))
+                .collect(),
+        );
+    }
+    Ok(SingleAnswer {
+        answer: r.vocab.answers.token(best).unwrap_or("").to_string(),
+        probability: p as f64,
+        k,
+        experts,
+    })
 }
