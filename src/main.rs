@@ -63,6 +63,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generates a small Sort-of-CLEVR set, trains k = P and k = P/2, evaluates both (Table 2 shape).
+    Demo {
+        /// Working directory (default: a folder in the system temp directory).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 600)]
+        train_images: usize,
+        #[arg(long, default_value_t = 100)]
+        val_images: usize,
+        #[arg(long, default_value_t = 2)]
+        epochs: usize,
+        /// Print the table as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Predicts every question of a split (the test split needs no answers).
     Predict {
         #[arg(long)]
@@ -191,7 +206,7 @@ impl moevqa::train::run::Progress for BarProgress {
         let val = line.val.as_ref().map_or("no val split".to_string(), |v| {
             format!("val acc {:.2}%", v.accuracy)
         });
-        println!(
+        eprintln!(
             "epoch {}: loss {:.4}, train acc {:.2}%, {val}, {:.0} questions/s, lr {:.2e}, batch {}",
             line.epoch,
             line.train_loss,
@@ -659,6 +674,160 @@ fn cmd_generate(what: GenerateCommand) -> Result<()> {
     }
 }
 
+#[derive(Serialize)]
+struct DemoRow {
+    k: usize,
+    cnn_macs: u64,
+    accuracy: f64,
+    relational: f64,
+    non_relational: f64,
+    images_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct DemoReport {
+    data: std::path::PathBuf,
+    train_questions: usize,
+    val_questions: usize,
+    majority_answer: String,
+    majority_baseline: f64,
+    rows: Vec<DemoRow>,
+}
+
+fn cmd_demo(
+    device: &Device,
+    out: Option<std::path::PathBuf>,
+    train_images: usize,
+    val_images: usize,
+    epochs: usize,
+    json: bool,
+) -> Result<()> {
+    use moevqa::data::sort_of_clevr::{SortOfClevrConfig, generate, is_relational};
+    let root = out.unwrap_or_else(|| std::env::temp_dir().join("moevqa-demo"));
+    let data = root.join("sort-of-clevr");
+    let summary = generate(
+        &data,
+        &SortOfClevrConfig {
+            train_images,
+            val_images,
+            seed: 1,
+        },
+    )?;
+    eprintln!(
+        "generated Sort-of-CLEVR in {}: {} train / {} val questions",
+        data.display(),
+        summary.train_questions,
+        summary.val_questions
+    );
+    let val = moevqa::data::clevr_reader::ClevrSplit::open(&data, "val")?;
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for q in &val.questions {
+        *counts.entry(q.answer.as_deref().unwrap_or("")).or_default() += 1;
+    }
+    let (majority_answer, majority) = counts
+        .iter()
+        .max_by_key(|(_, c)| **c)
+        .map_or(("", 0), |(a, c)| (*a, *c));
+    let p = 12;
+    let mut rows = Vec::new();
+    for k in [p, p / 2] {
+        let run = root.join(format!("run-k{k}"));
+        if run.exists() {
+            std::fs::remove_dir_all(&run)
+                .with_context(|| format!("{}: cannot clear the old demo run", run.display()))?;
+        }
+        eprintln!("training k = {k} ({epochs} epochs)");
+        let cfg = moevqa::train::run::RunConfig {
+            dataset: "clevr".into(),
+            data: data.clone(),
+            k,
+            epochs,
+            batch: 32,
+            lr: 1e-3,
+            seed: 1,
+            image_size: 64,
+            balance_weight: 0.01,
+            warmup_epochs: 0,
+            g_dim: 64,
+            f_dim: 64,
+            question_dim: 64,
+        };
+        let mut progress = BarProgress {
+            bar: None,
+            started: std::time::Instant::now(),
+            total: 0,
+            next_line: 0,
+        };
+        moevqa::train::run::train(&cfg, &run, false, device, &mut progress)?;
+        let t0 = std::time::Instant::now();
+        let (_, report) =
+            moevqa::train::run::evaluate_run(&run, &data, "val", Some(k), 64, device)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let gate = GateSettings::new().with_question_dim(cfg.question_dim);
+        let macs = count_macs(&CnnLayout::clevr(), (64, 64), Some(k), &gate)?;
+        let mean = |rel: bool| {
+            let v: Vec<f64> = report
+                .by_family
+                .iter()
+                .filter(|(f, _)| is_relational(f) == rel)
+                .map(|(_, a)| *a)
+                .collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        };
+        rows.push(DemoRow {
+            k,
+            cnn_macs: macs.cnn_macs,
+            accuracy: report.accuracy,
+            relational: mean(true),
+            non_relational: mean(false),
+            images_per_s: report.questions as f64 / seconds,
+        });
+    }
+    let report = DemoReport {
+        data,
+        train_questions: summary.train_questions,
+        val_questions: summary.val_questions,
+        majority_answer: majority_answer.to_string(),
+        majority_baseline: 100.0 * majority as f64 / val.questions.len().max(1) as f64,
+        rows,
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "Sort-of-CLEVR demo: {} train / {} val questions, 64x64 input, Relation Network on the modular CNN of Table 4 (P = {p})",
+        report.train_questions, report.val_questions
+    );
+    println!(
+        "{:<16} {:>12} {:>10} {:>12} {:>15} {:>10}",
+        "k", "CNN MACs", "val acc %", "relational %", "non-relational %", "images/s"
+    );
+    for r in &report.rows {
+        println!(
+            "{:<16} {:>12.3e} {:>10.2} {:>12.2} {:>15.2} {:>10.0}",
+            format!(
+                "{} ({:.0}% sparse)",
+                r.k,
+                100.0 * (1.0 - r.k as f64 / p as f64)
+            ),
+            r.cnn_macs as f64,
+            r.accuracy,
+            r.relational,
+            r.non_relational,
+            r.images_per_s
+        );
+    }
+    println!(
+        "{:<16} {:>12} {:>10.2}   (always answering \"{}\")",
+        "majority answer", "-", report.majority_baseline, report.majority_answer
+    );
+    println!(
+        "images/s: sparse evaluation at that k, questions answered per second (one image each). Per-type accuracies are means over the three question types of each kind."
+    );
+    Ok(())
+}
+
 fn cmd_predict(
     device: &Device,
     run: &std::path::Path,
@@ -699,6 +868,20 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate { what } => cmd_generate(what),
         Command::Train(args) => cmd_train(&pick_device(&cli.device)?, args),
+        Command::Demo {
+            out,
+            train_images,
+            val_images,
+            epochs,
+            json,
+        } => cmd_demo(
+            &pick_device(&cli.device)?,
+            out,
+            train_images,
+            val_images,
+            epochs,
+            json,
+        ),
         Command::Predict {
             run,
             data,

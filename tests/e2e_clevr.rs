@@ -233,3 +233,34 @@ fn generate_train_eval_predict_answer_resume() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn demo_runs_on_a_tiny_set() {
+    let root = std::env::temp_dir().join(format!("moevqa-demo-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let out = ok(moevqa(&[
+        "demo",
+        "--out",
+        root.to_str().unwrap(),
+        "--train-images",
+        "6",
+        "--val-images",
+        "2",
+        "--epochs",
+        "1",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["k"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![12, 6]
+    );
+    assert!(rows[1]["cnn_macs"].as_u64().unwrap() < rows[0]["cnn_macs"].as_u64().unwrap());
+    let base = v["majority_baseline"].as_f64().unwrap();
+    assert!(base > 0.0 && base <= 100.0);
+    assert_eq!(v["val_questions"], 40);
+    std::fs::remove_dir_all(&root).unwrap();
+}
