@@ -735,12 +735,10 @@ pub fn generate(out: &Path, cfg: &Clevr2dConfig) -> Result<GenerateSummary, Data
         });
         counts[split_id] = write_split(&paths, info, questions, scenes)?;
     }
-    Ok(GenerateSummary {
-        train_images: cfg.train_images,
-        val_images: cfg.val_images,
-        train_questions: counts[0],
-        val_questions: counts[1],
-    })
+    Ok(GenerateSummary::new(
+        [cfg.train_images, cfg.val_images],
+        counts,
+    ))
 }
 
 #[cfg(test)]
@@ -749,9 +747,7 @@ mod tests {
     use crate::data::clevr_format::{QuestionFile, SceneFile, read_split_files, split_paths};
 
     fn tmp(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("moevqa-c2d-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
+        crate::data::test_dir(&format!("c2d-{name}"))
     }
 
     fn load(dir: &Path, split: &str) -> (QuestionFile, SceneFile) {

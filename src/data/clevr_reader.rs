@@ -135,10 +135,8 @@ mod tests {
     use super::*;
     use crate::data::sort_of_clevr::{SortOfClevrConfig, generate};
 
-    fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("moevqa-reader-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
+    fn tmp(name: &str) -> std::path::PathBuf {
+        crate::data::test_dir(&format!("reader-{name}"))
     }
 
     #[test]

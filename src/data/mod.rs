@@ -48,3 +48,11 @@ impl DataError {
         }
     }
 }
+
+/// A fresh, empty directory under the system temp directory for a test.
+#[cfg(test)]
+pub(crate) fn test_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moevqa-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}

@@ -203,6 +203,18 @@ pub struct GenerateSummary {
     pub val_questions: usize,
 }
 
+impl GenerateSummary {
+    /// Images asked for per split, questions written per split (train, val).
+    pub fn new(images: [usize; 2], questions: [usize; 2]) -> Self {
+        GenerateSummary {
+            train_images: images[0],
+            val_images: images[1],
+            train_questions: questions[0],
+            val_questions: questions[1],
+        }
+    }
+}
+
 /// Writes a Sort-of-CLEVR dataset under `out` in the CLEVR layout.
 /// Deterministic for a seed (ChaCha8, one stream per split).
 pub fn generate(out: &Path, cfg: &SortOfClevrConfig) -> Result<GenerateSummary, DataError> {
@@ -262,12 +274,10 @@ pub fn generate(out: &Path, cfg: &SortOfClevrConfig) -> Result<GenerateSummary, 
         let info = serde_json::json!({"dataset": "sort-of-clevr", "generator": "moevqa", "seed": cfg.seed, "split": split});
         counts[split_id] = write_split(&paths, info, questions, scenes)?;
     }
-    Ok(GenerateSummary {
-        train_images: cfg.train_images,
-        val_images: cfg.val_images,
-        train_questions: counts[0],
-        val_questions: counts[1],
-    })
+    Ok(GenerateSummary::new(
+        [cfg.train_images, cfg.val_images],
+        counts,
+    ))
 }
 
 #[cfg(test)]
@@ -276,9 +286,7 @@ mod tests {
     use crate::data::clevr_format::{QuestionFile, SceneFile, read_split_files, split_paths};
 
     fn tmp(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("moevqa-soc-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
+        crate::data::test_dir(&format!("soc-{name}"))
     }
 
     fn load(dir: &Path, split: &str) -> (QuestionFile, SceneFile) {

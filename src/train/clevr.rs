@@ -345,11 +345,6 @@ pub fn build_model(
     Ok(cfg.init(device)?)
 }
 
-/// Eval-mode copy of a model trained on an autodiff device.
-pub fn eval_model(model: &RelationNetwork) -> RelationNetwork {
-    model.valid()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,7 +396,7 @@ mod tests {
             losses.push(stats.loss);
         }
         assert!(losses[2] < losses[0], "loss did not fall: {losses:?}");
-        let eval = eval_model(&model);
+        let eval = model.valid();
         for k in [12, 6, 3] {
             let r = evaluate(&eval, &val_items, k, 16, 64, &base).unwrap();
             assert_eq!(r.questions, 80);
