@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -349,6 +348,7 @@ pub fn build_model(
 mod tests {
     use super::*;
     use crate::data::sort_of_clevr::{SortOfClevrConfig, generate};
+    use burn::module::Module;
 
     #[test]
     fn a_tiny_run_lowers_the_loss_and_evaluates_at_any_k() {
