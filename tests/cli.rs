@@ -1,28 +1,8 @@
 //! The command line: JSON shapes, and one-line errors with a non-zero exit.
 
-use std::process::{Command, Output};
+mod common;
 
-fn moevqa(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moevqa"))
-        .args(args)
-        .output()
-        .expect("run moevqa")
-}
-
-fn assert_one_line_error(out: &Output, needle: &str) {
-    assert!(
-        !out.status.success(),
-        "expected failure, got {:?}",
-        out.status
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
-    assert!(
-        err.starts_with("error: ") && err.contains(needle),
-        "{err:?}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-}
+use common::{assert_one_line_error, moevqa};
 
 #[test]
 fn flops_json_has_the_documented_shape() {

@@ -1,32 +1,11 @@
 //! End to end through the CLI on a tiny generated set: generate, train,
 //! eval at another k, refuse to overwrite, resume, same seed same result.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn moevqa(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moevqa"))
-        .args(args)
-        .output()
-        .expect("run moevqa")
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use common::{metric_lines, moevqa, ok};
 
 #[test]
 fn generate_train_eval_predict_answer_resume() {

@@ -189,6 +189,15 @@ fn gradients_reach_the_gate_controller() {
     for (i, ctrl) in net.gates.iter().enumerate() {
         for (name, g) in [
             ("W_g", ctrl.gate.weight.grad(&grads)),
+            // b_g once lost its requires-grad flag at init and never trained.
+            (
+                "b_g",
+                ctrl.gate
+                    .bias
+                    .as_ref()
+                    .and_then(|b| b.grad(&grads))
+                    .map(|g| g.unsqueeze_dim::<2>(0)),
+            ),
             ("W_IA", ctrl.image_att.weight.grad(&grads)),
         ] {
             let g = g.unwrap_or_else(|| panic!("block {i}: no gradient for {name}"));

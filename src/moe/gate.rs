@@ -128,10 +128,15 @@ impl GateControllerConfig {
                 std: 0.01,
             })
             .init(device);
+        // A fresh constant parameter, not a mapped tensor: a mapped one would
+        // lose its requires-grad flag and b_g would never train.
         let gate = Linear {
-            bias: gate
-                .bias
-                .map(|b| b.map(|t| t.zeros_like().add_scalar(self.gate_bias_init))),
+            bias: Some(
+                Initializer::Constant {
+                    value: self.gate_bias_init,
+                }
+                .init([self.paths], device),
+            ),
             ..gate
         };
         Ok(GateController {

@@ -208,6 +208,9 @@ pub fn train(
     }
     let mut lines = Vec::new();
     for epoch in start..cfg.epochs {
+        // Reseed per epoch so a resumed run draws the same dropout masks as
+        // an uninterrupted one.
+        device.seed(epoch_seed(cfg.seed, epoch));
         let (lr, batch) = cfg.schedule(epoch);
         let settings = EpochSettings {
             k: cfg.k,
@@ -272,6 +275,12 @@ pub fn train(
         lines.push(line);
     }
     Ok(lines)
+}
+
+/// The RNG seed of `epoch` (model init uses `seed` itself).
+fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(epoch as u64 + 1)
 }
 
 /// After a resume: keep the metric lines of the epochs the checkpoint holds

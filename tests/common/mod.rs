@@ -1,0 +1,69 @@
+//! Helpers shared by the CLI tests: run the binary, check success or a
+//! one-line error.
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Runs the built `moevqa` binary with `args`.
+pub fn moevqa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moevqa"))
+        .args(args)
+        .output()
+        .expect("run moevqa")
+}
+
+/// Asserts success and returns the output.
+pub fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Asserts a non-zero exit with one `error: ...` line containing `needle`.
+pub fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(
+        !out.status.success(),
+        "expected failure, got {:?}",
+        out.status
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(
+        err.starts_with("error: ") && err.contains(needle),
+        "{err:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Asserts a non-zero exit whose last stderr line is one `error: ...` line
+/// containing `needle` (progress lines of a long job may come before it).
+pub fn assert_error_after_progress(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: ") && last.contains(needle),
+        "{err:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The JSON lines of a run's `metrics.jsonl`.
+pub fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A fresh, empty directory for a test.
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moevqa-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}

@@ -1,0 +1,216 @@
+//! Bad input and faults of the CLEVR path, through the CLI: broken files give
+//! one-line errors naming them, a run killed mid-epoch resumes without
+//! losing a completed epoch (and ends where an uninterrupted run ends), a
+//! diverging run stops with a message.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    assert_error_after_progress, assert_one_line_error, fresh_dir, metric_lines, moevqa, ok,
+};
+
+fn generate(data: &Path, train_images: &str) {
+    ok(moevqa(&[
+        "generate",
+        "sort-of-clevr",
+        "--out",
+        data.to_str().unwrap(),
+        "--train-images",
+        train_images,
+        "--val-images",
+        "2",
+    ]));
+}
+
+/// A small, fast training command line.
+fn train_args<'a>(data: &'a str, run: &'a str, epochs: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--epochs",
+        epochs,
+        "--batch",
+        "16",
+        "--image-size",
+        "32",
+        "--g-dim",
+        "16",
+        "--f-dim",
+        "16",
+        "--question-dim",
+        "16",
+    ]
+}
+
+#[test]
+fn broken_dataset_files_are_named() {
+    let root = fresh_dir("faults-files");
+    let data = root.join("data");
+    generate(&data, "3");
+    let d = data.to_str().unwrap();
+    let run = root.join("run");
+    let r = run.to_str().unwrap();
+
+    // Missing image.
+    let img = data.join("images/train/CLEVR_train_000001.png");
+    let png = std::fs::read(&img).unwrap();
+    std::fs::remove_file(&img).unwrap();
+    assert_one_line_error(&moevqa(&train_args(d, r, "1")), "CLEVR_train_000001.png");
+
+    // Corrupt PNG.
+    std::fs::write(&img, &png[..png.len() / 3]).unwrap();
+    let _ = std::fs::remove_dir_all(&run);
+    assert_one_line_error(&moevqa(&train_args(d, r, "1")), "CLEVR_train_000001.png");
+    std::fs::write(&img, &png).unwrap();
+
+    // Malformed JSON: the file, line and column.
+    let q = data.join("questions/CLEVR_train_questions.json");
+    let text = std::fs::read_to_string(&q).unwrap();
+    std::fs::write(&q, "{\n  \"questions\": [\n    {\"split\": }\n").unwrap();
+    let _ = std::fs::remove_dir_all(&run);
+    assert_one_line_error(
+        &moevqa(&train_args(d, r, "1")),
+        "CLEVR_train_questions.json: line 3",
+    );
+    std::fs::write(&q, text).unwrap();
+
+    // An output directory that cannot be created (its parent is a file).
+    let file = root.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let under_file = file.join("run");
+    assert_one_line_error(
+        &moevqa(&train_args(d, under_file.to_str().unwrap(), "1")),
+        under_file.to_str().unwrap(),
+    );
+    let preds = file.join("preds.json");
+
+    // With the data repaired, a run trains; then a prediction file that cannot
+    // be written is named too.
+    let _ = std::fs::remove_dir_all(&run);
+    ok(moevqa(&train_args(d, r, "1")));
+    assert_one_line_error(
+        &moevqa(&[
+            "predict",
+            "--run",
+            r,
+            "--data",
+            d,
+            "--split",
+            "val",
+            "--out",
+            preds.to_str().unwrap(),
+        ]),
+        "preds.json",
+    );
+
+    // A checkpoint from another configuration: resume with other flags, and
+    // a config.json edited under a checkpoint.
+    let mut other = train_args(d, r, "2");
+    other.extend(["--k", "6", "--resume"]);
+    assert_one_line_error(&moevqa(&other), "other settings");
+    let cfg_path = run.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["g_dim"] = serde_json::json!(24);
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    assert_one_line_error(&moevqa(&["eval", "--run", r, "--data", d]), "checkpoint");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_message() {
+    let root = fresh_dir("faults-nan");
+    let data = root.join("data");
+    generate(&data, "4");
+    let run = root.join("run");
+    let mut args = train_args(data.to_str().unwrap(), run.to_str().unwrap(), "3");
+    args.extend(["--lr", "1e30", "--warmup-epochs", "0"]);
+    let out = moevqa(&args);
+    assert_error_after_progress(&out, "training diverged");
+    // No epoch was recorded as if it had succeeded.
+    assert!(!run.join("checkpoint/model.bpk").exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+fn saved_epoch(run: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(run.join("checkpoint/state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["epoch"].as_u64()
+}
+
+#[test]
+fn a_run_killed_mid_epoch_resumes_from_its_last_checkpoint() {
+    let root = fresh_dir("faults-kill");
+    let data = root.join("data");
+    generate(&data, "24");
+    let d = data.to_str().unwrap();
+    let killed = root.join("killed");
+    let k = killed.to_str().unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moevqa"))
+        .args(train_args(d, k, "3"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while saved_epoch(&killed) != Some(1) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before it was killed"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Into epoch 2, then SIGKILL.
+    std::thread::sleep(Duration::from_millis(150));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        saved_epoch(&killed),
+        Some(1),
+        "epoch 2 finished before the kill: the test did not kill mid-epoch"
+    );
+
+    let mut resume = train_args(d, k, "3");
+    resume.push("--resume");
+    ok(moevqa(&resume));
+    let resumed = metric_lines(&killed);
+    assert_eq!(
+        resumed
+            .iter()
+            .map(|l| l["epoch"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+
+    // The interruption changes nothing: same losses as a run never killed.
+    let whole = root.join("whole");
+    ok(moevqa(&train_args(d, whole.to_str().unwrap(), "3")));
+    let straight = metric_lines(&whole);
+    eprintln!(
+        "{:?}",
+        resumed
+            .iter()
+            .map(|l| l["train_loss"].clone())
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "{:?}",
+        straight
+            .iter()
+            .map(|l| l["train_loss"].clone())
+            .collect::<Vec<_>>()
+    );
+    for (a, b) in resumed.iter().zip(&straight) {
+        assert_eq!(a["train_loss"], b["train_loss"]);
+        assert_eq!(a["val"]["accuracy"], b["val"]["accuracy"]);
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
