@@ -4,6 +4,8 @@ pub mod clevr2d;
 pub mod clevr_format;
 pub mod clevr_reader;
 pub mod sort_of_clevr;
+pub mod vqa2;
+pub mod vqa2_gen;
 
 use std::path::{Path, PathBuf};
 
