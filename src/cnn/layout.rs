@@ -80,7 +80,19 @@ pub fn out_size(input: usize, kernel: usize, stride: usize, padding: usize) -> O
 impl CnnLayout {
     /// Table 3: ResNeXt-101 32x4d (7x7x2048 at 224x224).
     pub fn resnext101_32x4d() -> Self {
-        let stage = |name: &str, blocks, inner, out, stride| StageSpec {
+        Self::resnext101(4, "resnext101-32x4d")
+    }
+
+    /// ResNeXt-101 32x8d (torchvision's `resnext101_32x8d`): Table 3 with
+    /// every bottleneck twice as wide (d = 8, 16, 32, 64 per stage; P = 32);
+    /// same output widths (7x7x2048 at 224x224).
+    pub fn resnext101_32x8d() -> Self {
+        Self::resnext101(8, "resnext101-32x8d")
+    }
+
+    /// ResNeXt-101 32x`d`d: P = 32, bottleneck widths 32*d, 64*d, 128*d, 256*d.
+    fn resnext101(d: usize, name: &str) -> Self {
+        let stage = |name: &str, blocks, inner: usize, out, stride| StageSpec {
             name: name.into(),
             blocks,
             inner,
@@ -89,7 +101,7 @@ impl CnnLayout {
             stride,
         };
         CnnLayout {
-            name: "resnext101-32x4d".into(),
+            name: name.into(),
             input_channels: 3,
             stem: ConvSpec {
                 kernel: 7,
@@ -103,10 +115,10 @@ impl CnnLayout {
                 padding: 1,
             }),
             stages: vec![
-                stage("conv2", 3, 128, 256, 1),
-                stage("conv3", 4, 256, 512, 2),
-                stage("conv4", 23, 512, 1024, 2),
-                stage("conv5", 3, 1024, 2048, 2),
+                stage("conv2", 3, 32 * d, 256, 1),
+                stage("conv3", 4, 64 * d, 512, 2),
+                stage("conv4", 23, 128 * d, 1024, 2),
+                stage("conv5", 3, 256 * d, 2048, 2),
             ],
             head: None,
         }
@@ -141,15 +153,17 @@ impl CnnLayout {
         }
     }
 
-    /// Layout by model name: `vqa` (Table 3) or `clevr` (Table 4).
+    /// Layout by model name: `vqa` (Table 3), `clevr` (Table 4), or a
+    /// layout's own name (`resnext101-32x4d`, `resnext101-32x8d`).
     pub fn by_model(name: &str) -> Result<Self> {
         match name {
             "vqa" | "resnext101-32x4d" => Ok(Self::resnext101_32x4d()),
+            "resnext101-32x8d" => Ok(Self::resnext101_32x8d()),
             "clevr" => Ok(Self::clevr()),
             other => Err(MoeError::Unknown {
                 kind: "model",
                 name: other.into(),
-                expected: "clevr, vqa".into(),
+                expected: "clevr, vqa, resnext101-32x4d, resnext101-32x8d".into(),
             }),
         }
     }
@@ -314,6 +328,24 @@ mod tests {
             .collect();
         assert_eq!(d, vec![4, 8, 16, 32]);
         assert!(blocks.iter().all(|b| b.paths == 32));
+    }
+
+    #[test]
+    fn resnext101_32x8d_doubles_the_path_width() {
+        let l = CnnLayout::resnext101_32x8d();
+        assert_eq!(l.name, "resnext101-32x8d");
+        assert_eq!(l.output_shape((224, 224)).unwrap(), (2048, 7, 7));
+        let d: Vec<_> = l.stages.iter().map(|s| s.inner / s.paths).collect();
+        assert_eq!(d, vec![8, 16, 32, 64]);
+        let x4 = CnnLayout::resnext101_32x4d();
+        for (a, b) in l.stages.iter().zip(&x4.stages) {
+            assert_eq!(
+                (a.blocks, a.out, a.paths, a.stride),
+                (b.blocks, b.out, b.paths, b.stride)
+            );
+            assert_eq!(a.inner, 2 * b.inner);
+        }
+        assert_eq!(CnnLayout::by_model("resnext101-32x8d").unwrap(), l);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! CNN layouts (paper appendix D) as data, and the modular ResNeXt built from them.
 
+pub mod import;
 pub mod layout;
 pub mod resnext;
 
