@@ -11,6 +11,8 @@ use moevqa::data::sort_of_clevr::GenerateSummary;
 use moevqa::flops::{count_macs, paper_flops};
 use serde::Serialize;
 
+mod vqa_cli;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "moevqa",
@@ -42,18 +44,54 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Trains a model on a dataset directory (CLEVR v1.0 layout).
+    /// Trains a model: `--dataset clevr` (CLEVR v1.0 layout, Relation Network) or `vqa2` (VQA v2 layout, bottom-up top-down).
     Train(TrainArgs),
+    /// Scores a VQA v2 results file exactly as the official evaluation script does.
+    VqaScore {
+        /// Results file: [{"question_id": int, "answer": str}].
+        #[arg(long)]
+        results: std::path::PathBuf,
+        /// Official annotations file (v2_mscoco_*_annotations.json).
+        #[arg(long)]
+        annotations: std::path::PathBuf,
+        /// Official questions file, checked to cover the same questions.
+        #[arg(long)]
+        questions: Option<std::path::PathBuf>,
+        /// Print JSON: {"overall", "per_answer_type", "per_question_type", "questions"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Maps a torchvision/timm ResNeXt-101 (32x4d or 32x8d) .safetensors state dict into the modular CNN.
+    ImportResnext {
+        /// The .safetensors file (convert a .pth with safetensors.torch.save_file).
+        #[arg(long)]
+        from: std::path::PathBuf,
+        /// Output CNN file, for `train --init-cnn`.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Layout (`resnext101-32x4d`, `resnext101-32x8d`); default: inferred from the shapes.
+        #[arg(long)]
+        layout: Option<String>,
+        /// Question vector size the gate controllers read (the model's --question-dim).
+        #[arg(long, default_value_t = 512)]
+        question_dim: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluates a trained run on a split, at any k.
     Eval {
         /// Run directory written by `train`.
         #[arg(long)]
         run: std::path::PathBuf,
-        /// Dataset directory (CLEVR v1.0 layout).
+        /// Dataset directory (the layout of the run's dataset).
         #[arg(long)]
         data: std::path::PathBuf,
-        #[arg(long, default_value = "val")]
-        split: String,
+        /// `clevr` or `vqa2`; must match the run (default: the run's).
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Split: val (CLEVR) / val2014 (VQA v2) by default.
+        #[arg(long)]
+        split: Option<String>,
         /// Paths kept per block; default the run's k.
         #[arg(long)]
         k: Option<usize>,
@@ -63,17 +101,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Generates a small Sort-of-CLEVR set, trains k = P and k = P/2, evaluates both (Table 2 shape).
+    /// Generates a small set, trains each k, evaluates (Table 2 shape; `--dataset vqa2`: Table 1 shape).
     Demo {
         /// Working directory (default: a folder in the system temp directory).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
-        #[arg(long, default_value_t = 600)]
-        train_images: usize,
-        #[arg(long, default_value_t = 100)]
-        val_images: usize,
+        /// `sort-of-clevr` (default) or `vqa2`.
+        #[arg(long, default_value = "sort-of-clevr")]
+        dataset: String,
+        /// Training images (default 600 for Sort-of-CLEVR, 100 for vqa2).
+        #[arg(long)]
+        train_images: Option<usize>,
+        /// Validation images (default 100 for Sort-of-CLEVR, 40 for vqa2).
+        #[arg(long)]
+        val_images: Option<usize>,
         #[arg(long, default_value_t = 2)]
         epochs: usize,
+        /// vqa2 only: square input size.
+        #[arg(long, default_value_t = 32)]
+        image_size: u32,
+        /// vqa2 only: the k values to train (repeatable; default 32, 16, 8).
+        #[arg(long = "k")]
+        k: Vec<usize>,
         /// Print the table as JSON.
         #[arg(long)]
         json: bool,
@@ -84,9 +133,13 @@ enum Command {
         run: std::path::PathBuf,
         #[arg(long)]
         data: std::path::PathBuf,
-        #[arg(long, default_value = "test")]
-        split: String,
-        /// Output JSON file: [{"image_filename", "question_index", "answer"}].
+        /// `clevr` or `vqa2`; must match the run (default: the run's).
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Split: test (CLEVR) / test2015 (VQA v2) by default.
+        #[arg(long)]
+        split: Option<String>,
+        /// Output JSON file: CLEVR [{"image_filename", "question_index", "answer"}], VQA v2 the official [{"question_id", "answer"}].
         #[arg(long)]
         out: std::path::PathBuf,
         #[arg(long)]
@@ -94,10 +147,13 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         batch: usize,
     },
-    /// Answers one question about one image.
+    /// Answers one question about one image (PNG or JPEG).
     Answer {
         #[arg(long)]
         run: std::path::PathBuf,
+        /// `clevr` or `vqa2`; must match the run (default: the run's).
+        #[arg(long)]
+        dataset: Option<String>,
         #[arg(long)]
         image: std::path::PathBuf,
         #[arg(long)]
@@ -121,7 +177,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
-    /// Dataset kind: `clevr` (any CLEVR-layout directory: CLEVR v1.0, sort-of-clevr, clevr-2d).
+    /// Dataset kind: `clevr` (any CLEVR-layout directory: CLEVR v1.0, sort-of-clevr, clevr-2d) or `vqa2` (VQA v2 layout).
     #[arg(long, default_value = "clevr")]
     dataset: String,
     #[arg(long)]
@@ -129,9 +185,9 @@ struct TrainArgs {
     /// Run directory (config, vocabularies, metrics.jsonl, checkpoint).
     #[arg(long)]
     out: std::path::PathBuf,
-    /// Paths kept per block (k = P = 12 is the dense baseline).
-    #[arg(long, default_value_t = 12)]
-    k: usize,
+    /// Paths kept per block; default P (the dense baseline: 12 for clevr, 32 for vqa2).
+    #[arg(long)]
+    k: Option<usize>,
     #[arg(long, default_value_t = 10)]
     epochs: usize,
     #[arg(long, default_value_t = 64)]
@@ -143,9 +199,9 @@ struct TrainArgs {
     /// Continue from the run's last checkpoint.
     #[arg(long)]
     resume: bool,
-    /// Model input size (square).
-    #[arg(long, default_value_t = 128)]
-    image_size: u32,
+    /// Model input size (square); default 128 (clevr) or 224 (vqa2).
+    #[arg(long)]
+    image_size: Option<u32>,
     /// Weight of the load-balancing loss.
     #[arg(long, default_value_t = 0.01)]
     balance_weight: f64,
@@ -156,8 +212,33 @@ struct TrainArgs {
     g_dim: usize,
     #[arg(long, default_value_t = 256)]
     f_dim: usize,
-    #[arg(long, default_value_t = 128)]
-    question_dim: usize,
+    /// Question vector size; default 128 (clevr LSTM) or 512 (vqa2 GRU).
+    #[arg(long)]
+    question_dim: Option<usize>,
+    /// vqa2: CNN layout (`resnext101-32x4d`, `resnext101-32x8d`, `clevr`).
+    #[arg(long)]
+    layout: Option<String>,
+    /// vqa2: word embedding size (300 for GloVe 300d).
+    #[arg(long, default_value_t = 300)]
+    embed_dim: usize,
+    /// vqa2: width of the attention and fusion layers.
+    #[arg(long, default_value_t = 512)]
+    hidden: usize,
+    /// vqa2: answers kept in the vocabulary are seen at least this often.
+    #[arg(long, default_value_t = 9)]
+    min_answer_count: usize,
+    /// vqa2: GloVe text file for the word embeddings (read from disk, never downloaded).
+    #[arg(long)]
+    glove: Option<std::path::PathBuf>,
+    /// vqa2: CNN weights written by `moevqa import-resnext`.
+    #[arg(long)]
+    init_cnn: Option<std::path::PathBuf>,
+    /// vqa2: training split.
+    #[arg(long, default_value = "train2014")]
+    train_split: String,
+    /// vqa2: validation split (evaluated after each epoch when present).
+    #[arg(long, default_value = "val2014")]
+    val_split: String,
 }
 
 struct BarProgress {
@@ -199,15 +280,15 @@ impl moevqa::train::run::Progress for BarProgress {
             }
         }
     }
-    fn end_epoch(&mut self, line: &moevqa::train::run::EpochLine) {
+    fn end_epoch(&mut self, line: &moevqa::train::run::EpochSummary) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
-        let val = line.val.as_ref().map_or("no val split".to_string(), |v| {
-            format!("val acc {:.2}%", v.accuracy)
-        });
+        let val = line
+            .val_accuracy
+            .map_or("no val split".to_string(), |v| format!("val {v:.2}%"));
         eprintln!(
-            "epoch {}: loss {:.4}, train acc {:.2}%, {val}, {:.0} questions/s, lr {:.2e}, batch {}",
+            "epoch {}: loss {:.4}, train {:.2}%, {val}, {:.0} questions/s, lr {:.2e}, batch {}",
             line.epoch,
             line.train_loss,
             line.train_accuracy,
@@ -218,35 +299,70 @@ impl moevqa::train::run::Progress for BarProgress {
     }
 }
 
-fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
-    if a.dataset != "clevr" {
-        bail!(
-            "--dataset '{}' is not supported yet: expected clevr",
-            a.dataset
-        );
-    }
-    let cfg = moevqa::train::run::RunConfig {
-        dataset: a.dataset,
-        data: a.data,
-        k: a.k,
-        epochs: a.epochs,
-        batch: a.batch,
-        lr: a.lr,
-        seed: a.seed,
-        image_size: a.image_size,
-        balance_weight: a.balance_weight,
-        warmup_epochs: a.warmup_epochs,
-        g_dim: a.g_dim,
-        f_dim: a.f_dim,
-        question_dim: a.question_dim,
-    };
-    let mut progress = BarProgress {
+fn new_progress() -> BarProgress {
+    BarProgress {
         bar: None,
         started: std::time::Instant::now(),
         total: 0,
         next_line: 0,
+    }
+}
+
+fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
+    match a.dataset.as_str() {
+        "clevr" => {}
+        "vqa2" => {
+            let flags = vqa_cli::VqaTrainFlags {
+                data: a.data,
+                out: a.out,
+                k: a.k,
+                epochs: a.epochs,
+                batch: a.batch,
+                lr: a.lr,
+                seed: a.seed,
+                resume: a.resume,
+                image_size: a.image_size,
+                balance_weight: a.balance_weight,
+                warmup_epochs: a.warmup_epochs,
+                question_dim: a.question_dim,
+                layout: a.layout,
+                embed_dim: a.embed_dim,
+                hidden: a.hidden,
+                min_answer_count: a.min_answer_count,
+                glove: a.glove,
+                init_cnn: a.init_cnn,
+                train_split: a.train_split,
+                val_split: a.val_split,
+            };
+            return vqa_cli::cmd_train_vqa(device, &flags, &mut new_progress());
+        }
+        other => bail!("--dataset '{other}': expected clevr or vqa2"),
+    }
+    for (flag, given) in [
+        ("--layout", a.layout.is_some()),
+        ("--glove", a.glove.is_some()),
+        ("--init-cnn", a.init_cnn.is_some()),
+    ] {
+        if given {
+            bail!("{flag} applies to --dataset vqa2 only");
+        }
+    }
+    let cfg = moevqa::train::run::RunConfig {
+        dataset: a.dataset,
+        data: a.data,
+        k: a.k.unwrap_or(12),
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        seed: a.seed,
+        image_size: a.image_size.unwrap_or(128),
+        balance_weight: a.balance_weight,
+        warmup_epochs: a.warmup_epochs,
+        g_dim: a.g_dim,
+        f_dim: a.f_dim,
+        question_dim: a.question_dim.unwrap_or(128),
     };
-    moevqa::train::run::train(&cfg, &a.out, a.resume, device, &mut progress)?;
+    moevqa::train::run::train(&cfg, &a.out, a.resume, device, &mut new_progress())?;
     Ok(())
 }
 
@@ -301,6 +417,27 @@ fn cmd_eval(
 
 #[derive(Subcommand, Debug)]
 enum GenerateCommand {
+    /// A small VQA-v2-layout set from generated scenes: COCO-named JPEGs, questions, ten human answers each.
+    Vqa2 {
+        /// Output directory.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        train_images: usize,
+        #[arg(long, default_value_t = 500)]
+        val_images: usize,
+        #[arg(long, default_value_t = 500)]
+        test_images: usize,
+        #[arg(long, default_value_t = 5)]
+        questions_per_image: usize,
+        /// JPEG side in pixels (32 to 1024).
+        #[arg(long, default_value_t = 64)]
+        image_size: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// CLEVR-like 2D scenes (3-8 objects, 8 colours, 3 shapes, 2 sizes) with CLEVR's question families.
     #[command(name = "clevr-2d")]
     Clevr2d {
@@ -637,6 +774,25 @@ fn print_summary(
 fn cmd_generate(what: GenerateCommand) -> Result<()> {
     let t0 = std::time::Instant::now();
     match what {
+        GenerateCommand::Vqa2 {
+            out,
+            train_images,
+            val_images,
+            test_images,
+            questions_per_image,
+            image_size,
+            seed,
+            json,
+        } => vqa_cli::cmd_generate_vqa2(
+            &out,
+            train_images,
+            val_images,
+            test_images,
+            questions_per_image,
+            image_size,
+            seed,
+            json,
+        ),
         GenerateCommand::Clevr2d {
             out,
             train_images,
@@ -752,13 +908,7 @@ fn cmd_demo(
             f_dim: 64,
             question_dim: 64,
         };
-        let mut progress = BarProgress {
-            bar: None,
-            started: std::time::Instant::now(),
-            total: 0,
-            next_line: 0,
-        };
-        moevqa::train::run::train(&cfg, &run, false, device, &mut progress)?;
+        moevqa::train::run::train(&cfg, &run, false, device, &mut new_progress())?;
         let t0 = std::time::Instant::now();
         let (_, report) =
             moevqa::train::run::evaluate_run(&run, &data, "val", Some(k), 64, device)?;
@@ -864,63 +1014,123 @@ fn cmd_answer(
     Ok(())
 }
 
+/// The run's dataset kind, checked against `--dataset` when given.
+fn run_kind(run: &std::path::Path, flag: Option<&str>) -> Result<String> {
+    let kind = vqa_cli::run_dataset(run)?;
+    if let Some(f) = flag
+        && f != kind
+    {
+        bail!(
+            "--dataset {f}: {} is a {kind} run",
+            run.join("config.json").display()
+        );
+    }
+    Ok(kind)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate { what } => cmd_generate(what),
         Command::Train(args) => cmd_train(&pick_device(&cli.device)?, args),
+        Command::VqaScore {
+            results,
+            annotations,
+            questions,
+            json,
+        } => vqa_cli::cmd_vqa_score(&results, &annotations, questions.as_deref(), json),
+        Command::ImportResnext {
+            from,
+            out,
+            layout,
+            question_dim,
+            json,
+        } => vqa_cli::cmd_import_resnext(&from, &out, layout.as_deref(), question_dim, json),
         Command::Demo {
             out,
+            dataset,
             train_images,
             val_images,
             epochs,
+            image_size,
+            k,
             json,
-        } => cmd_demo(
-            &pick_device(&cli.device)?,
-            out,
-            train_images,
-            val_images,
-            epochs,
-            json,
-        ),
+        } => {
+            let device = pick_device(&cli.device)?;
+            match dataset.as_str() {
+                "sort-of-clevr" | "clevr" => cmd_demo(
+                    &device,
+                    out,
+                    train_images.unwrap_or(600),
+                    val_images.unwrap_or(100),
+                    epochs,
+                    json,
+                ),
+                "vqa2" => {
+                    let flags = vqa_cli::VqaDemoFlags {
+                        out,
+                        train_images: train_images.unwrap_or(100),
+                        val_images: val_images.unwrap_or(40),
+                        epochs,
+                        image_size,
+                        ks: if k.is_empty() { vec![32, 16, 8] } else { k },
+                        json,
+                    };
+                    vqa_cli::cmd_demo_vqa(&device, &flags, &mut new_progress())
+                }
+                other => bail!("--dataset '{other}': expected sort-of-clevr or vqa2"),
+            }
+        }
         Command::Predict {
             run,
             data,
+            dataset,
             split,
             out,
             k,
             batch,
-        } => cmd_predict(
-            &pick_device(&cli.device)?,
-            &run,
-            &data,
-            &split,
-            &out,
-            k,
-            batch,
-        ),
+        } => {
+            let device = pick_device(&cli.device)?;
+            if run_kind(&run, dataset.as_deref())? == "vqa2" {
+                let split = split.unwrap_or_else(|| "test2015".into());
+                vqa_cli::cmd_predict_vqa(&device, &run, &data, &split, &out, k, batch)
+            } else {
+                let split = split.unwrap_or_else(|| "test".into());
+                cmd_predict(&device, &run, &data, &split, &out, k, batch)
+            }
+        }
         Command::Answer {
             run,
+            dataset,
             image,
             question,
             k,
             json,
-        } => cmd_answer(&pick_device(&cli.device)?, &run, &image, &question, k, json),
+        } => {
+            let device = pick_device(&cli.device)?;
+            if run_kind(&run, dataset.as_deref())? == "vqa2" {
+                vqa_cli::cmd_answer_vqa(&device, &run, &image, &question, k, json)
+            } else {
+                cmd_answer(&device, &run, &image, &question, k, json)
+            }
+        }
         Command::Eval {
             run,
             data,
+            dataset,
             split,
             k,
             batch,
             json,
-        } => cmd_eval(
-            &pick_device(&cli.device)?,
-            &run,
-            &data,
-            &split,
-            k,
-            batch,
-            json,
-        ),
+        } => {
+            let device = pick_device(&cli.device)?;
+            if run_kind(&run, dataset.as_deref())? == "vqa2" {
+                let split = split.unwrap_or_else(|| "val2014".into());
+                vqa_cli::cmd_eval_vqa(&device, &run, &data, &split, k, batch, json)
+            } else {
+                let split = split.unwrap_or_else(|| "val".into());
+                cmd_eval(&device, &run, &data, &split, k, batch, json)
+            }
+        }
         Command::Flops {
             model,
             k,

@@ -29,6 +29,12 @@ pub enum DataError {
     },
     #[error("{root}: not a dataset directory: {message}")]
     Layout { root: PathBuf, message: String },
+    #[error("{path}: line {line}: {message}")]
+    Text {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("{path}: image error: {message}")]
     Image { path: PathBuf, message: String },
 }

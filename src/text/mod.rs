@@ -3,6 +3,8 @@
 //! Tokens are the lowercased words of the question with the punctuation
 //! `? ! . , ; :` removed; words unseen in training map to `<unk>`.
 
+pub mod glove;
+
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod clevr;
 pub mod run;
+pub mod vqa;
 
 use thiserror::Error;
 

@@ -102,6 +102,19 @@ pub struct EpochLine {
     pub val: Option<EvalReport>,
 }
 
+/// What a progress display shows at the end of an epoch (any model).
+#[derive(Debug, Clone)]
+pub struct EpochSummary {
+    pub epoch: usize,
+    pub train_loss: f64,
+    /// Percent: accuracy (CLEVR) or mean soft score (VQA).
+    pub train_accuracy: f64,
+    pub val_accuracy: Option<f64>,
+    pub questions_per_s: f64,
+    pub lr: f64,
+    pub batch: usize,
+}
+
 /// Paths inside a run directory.
 pub struct RunPaths {
     pub root: PathBuf,
@@ -124,7 +137,7 @@ impl RunPaths {
     }
 }
 
-fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+pub(crate) fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
 }
 
@@ -141,7 +154,7 @@ pub trait Progress {
     /// After a batch.
     fn batch(&mut self, done: usize, loss: f64, accuracy: f64);
     /// End of an epoch.
-    fn end_epoch(&mut self, line: &EpochLine);
+    fn end_epoch(&mut self, summary: &EpochSummary);
 }
 
 /// Trains (or resumes) a Relation Network run. `device` is the plain device;
@@ -155,28 +168,13 @@ pub fn train(
 ) -> Result<Vec<EpochLine>, TrainError> {
     cfg.validate()?;
     let paths = RunPaths::new(out);
-    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
-    let resuming = resume && has_checkpoint(&paths.checkpoint);
-    if !resume && (has_checkpoint(&paths.checkpoint) || paths.metrics.exists()) {
-        return Err(TrainError::Input(format!(
-            "{}: already holds a run; pass --resume to continue it or choose another --out",
-            out.display()
-        )));
-    }
-    if resuming {
-        let saved = load_config(&paths.config)?;
-        // Everything but the number of epochs must match (a resume may extend a run).
-        let same = RunConfig {
+    // Everything but the number of epochs must match (a resume may extend a run).
+    let resuming = open_run_dir(&paths, resume, |saved: RunConfig| {
+        RunConfig {
             epochs: saved.epochs,
             ..cfg.clone()
-        };
-        if saved != same {
-            return Err(TrainError::Input(format!(
-                "{}: saved with other settings than given now; resume with the same flags",
-                paths.config.display()
-            )));
-        }
-    }
+        } == saved
+    })?;
     let train_split = ClevrSplit::open(&cfg.data, "train")?;
     let val_split = ClevrSplit::open(&cfg.data, "val").ok();
     let vocab = if resuming {
@@ -264,21 +262,65 @@ pub fn train(
         };
         save_checkpoint(&paths.checkpoint, &model, &optim, &state)
             .map_err(|e| TrainError::Io(e.to_string()))?;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&paths.metrics)
-            .map_err(|e| io_err(&paths.metrics, e))?;
-        let json = serde_json::to_string(&line).map_err(|e| io_err(&paths.metrics, e))?;
-        writeln!(f, "{json}").map_err(|e| io_err(&paths.metrics, e))?;
-        progress.end_epoch(&line);
+        append_metrics(&paths.metrics, &line)?;
+        progress.end_epoch(&EpochSummary {
+            epoch: line.epoch,
+            train_loss: line.train_loss,
+            train_accuracy: line.train_accuracy,
+            val_accuracy: line.val.as_ref().map(|v| v.accuracy),
+            questions_per_s: line.questions_per_s,
+            lr,
+            batch,
+        });
         lines.push(line);
     }
     Ok(lines)
 }
 
+/// Creates the run directory and checks it: a run already there needs
+/// `resume`, and a resumed run's saved config must pass `same` (given the
+/// saved config). Returns whether a checkpoint is resumed.
+pub fn open_run_dir<C: serde::de::DeserializeOwned>(
+    paths: &RunPaths,
+    resume: bool,
+    same: impl FnOnce(C) -> bool,
+) -> Result<bool, TrainError> {
+    let out = &paths.root;
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    let resuming = resume && has_checkpoint(&paths.checkpoint);
+    if !resume && (has_checkpoint(&paths.checkpoint) || paths.metrics.exists()) {
+        return Err(TrainError::Input(format!(
+            "{}: already holds a run; pass --resume to continue it or choose another --out",
+            out.display()
+        )));
+    }
+    if resuming {
+        let text = std::fs::read_to_string(&paths.config).map_err(|e| io_err(&paths.config, e))?;
+        let saved: C = serde_json::from_str(&text)
+            .map_err(|e| io_err(&paths.config, format!("not a run config of this kind: {e}")))?;
+        if !same(saved) {
+            return Err(TrainError::Input(format!(
+                "{}: saved with other settings than given now; resume with the same flags",
+                paths.config.display()
+            )));
+        }
+    }
+    Ok(resuming)
+}
+
+/// Appends one JSON line to `metrics.jsonl`.
+pub fn append_metrics(path: &Path, line: &impl Serialize) -> Result<(), TrainError> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    let json = serde_json::to_string(line).map_err(|e| io_err(path, e))?;
+    writeln!(f, "{json}").map_err(|e| io_err(path, e))
+}
+
 /// The RNG seed of `epoch` (model init uses `seed` itself).
-fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+pub fn epoch_seed(seed: u64, epoch: usize) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         .wrapping_add(epoch as u64 + 1)
 }
@@ -287,12 +329,16 @@ fn epoch_seed(seed: u64, epoch: usize) -> u64 {
 /// (a run killed after its checkpoint but before its metric line gets the
 /// line back from the checkpoint; one killed the other way round loses the
 /// extra line, whose epoch will run again).
-fn rewrite_metrics(path: &Path, state: &TrainState) -> Result<(), TrainError> {
+pub fn rewrite_metrics(path: &Path, state: &TrainState) -> Result<(), TrainError> {
+    #[derive(Deserialize)]
+    struct Epoch {
+        epoch: usize,
+    }
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut kept: Vec<String> = text
         .lines()
         .filter(|l| {
-            serde_json::from_str::<EpochLine>(l)
+            serde_json::from_str::<Epoch>(l)
                 .map(|e| e.epoch < state.epoch)
                 .unwrap_or(false)
         })
@@ -442,8 +488,20 @@ pub fn answer_one(
             (0, f32::MIN),
             |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
         );
+    let experts = chosen_experts(&out.gates)?;
+    Ok(SingleAnswer {
+        answer: r.vocab.answers.token(best).unwrap_or("").to_string(),
+        probability: p as f64,
+        k,
+        experts,
+    })
+}
+
+/// The experts chosen for the first sample in each block, with their gate
+/// values, best first.
+pub fn chosen_experts(gates: &[crate::moe::Gates]) -> Result<Vec<Vec<(usize, f64)>>, TrainError> {
     let mut experts = Vec::new();
-    for g in &out.gates {
+    for g in gates {
         let values = g
             .values
             .clone()
@@ -458,10 +516,5 @@ pub fn answer_one(
                 .collect(),
         );
     }
-    Ok(SingleAnswer {
-        answer: r.vocab.answers.token(best).unwrap_or("").to_string(),
-        probability: p as f64,
-        k,
-        experts,
-    })
+    Ok(experts)
 }

@@ -1,0 +1,443 @@
+//! VQA v2 end to end through the CLI on a tiny generated set: generate,
+//! train (the modular ResNeXt-101), eval, predict test2015 in the official
+//! results format, score with `vqa-score`, answer a JPEG, import CNN weights
+//! from a torchvision-named safetensors file; and the bad inputs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::{assert_error_after_progress, assert_one_line_error, fresh_dir, moevqa, ok};
+use moevqa::cnn::CnnLayout;
+
+fn train_args<'a>(data: &'a str, run: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "train",
+        "--dataset",
+        "vqa2",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--image-size",
+        "32",
+        "--embed-dim",
+        "8",
+        "--hidden",
+        "16",
+        "--question-dim",
+        "16",
+        "--min-answer-count",
+        "1",
+        "--k",
+        "8",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+#[test]
+fn generate_train_eval_predict_score_answer() {
+    let root = fresh_dir("e2e-vqa2");
+    let data = root.join("data");
+    let d = data.to_str().unwrap();
+    ok(moevqa(&[
+        "generate",
+        "vqa2",
+        "--out",
+        d,
+        "--train-images",
+        "6",
+        "--val-images",
+        "3",
+        "--test-images",
+        "2",
+        "--questions-per-image",
+        "4",
+        "--image-size",
+        "32",
+    ]));
+    let run = root.join("run");
+    let r = run.to_str().unwrap();
+    ok(moevqa(&train_args(d, r, &[])));
+    for f in [
+        "config.json",
+        "vocab.json",
+        "answers.json",
+        "metrics.jsonl",
+        "checkpoint/model.bpk",
+    ] {
+        assert!(run.join(f).is_file(), "missing {f}");
+    }
+
+    // Eval at another k: the official metric, MACs, expert usage.
+    let ev = json(&ok(moevqa(&[
+        "eval", "--run", r, "--data", d, "--k", "4", "--json",
+    ])));
+    assert_eq!(ev["k"], 4);
+    assert_eq!(ev["questions"], 12);
+    let acc = ev["accuracy"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&acc));
+    let usage = ev["expert_usage"].as_array().unwrap();
+    assert_eq!(usage.len(), 33, "one row per block of ResNeXt-101");
+    let total: u64 = usage[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 12 * 4);
+    assert!(ev["per_answer_type"].as_object().unwrap().len() >= 2);
+    assert!(
+        ev["cnn_macs_per_image_at_224"].as_u64().unwrap()
+            > ev["cnn_macs_per_image"].as_u64().unwrap()
+    );
+    assert!(
+        !ev["expert_usage_per_answer_type"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
+
+    // predict on val + vqa-score gives eval's number.
+    let val_res = root.join("val.json");
+    ok(moevqa(&[
+        "predict",
+        "--run",
+        r,
+        "--data",
+        d,
+        "--split",
+        "val2014",
+        "--k",
+        "4",
+        "--out",
+        val_res.to_str().unwrap(),
+    ]));
+    let ann = data.join("v2_mscoco_val2014_annotations.json");
+    let qs = data.join("v2_OpenEnded_mscoco_val2014_questions.json");
+    let sc = json(&ok(moevqa(&[
+        "vqa-score",
+        "--results",
+        val_res.to_str().unwrap(),
+        "--annotations",
+        ann.to_str().unwrap(),
+        "--questions",
+        qs.to_str().unwrap(),
+        "--json",
+    ])));
+    assert_eq!(sc["overall"].as_f64().unwrap(), acc);
+    assert_eq!(sc["questions"], 12);
+    assert!(sc["per_question_type"].as_object().unwrap().len() >= 2);
+
+    // The test split: official results format, every question once.
+    let test_res = root.join("results.json");
+    ok(moevqa(&[
+        "predict",
+        "--run",
+        r,
+        "--data",
+        d,
+        "--out",
+        test_res.to_str().unwrap(),
+    ]));
+    let res: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&test_res).unwrap()).unwrap();
+    assert_eq!(res.len(), 8);
+    assert!(res.iter().all(|e| e["question_id"].is_u64()
+        && e["answer"].as_str().is_some()
+        && e.as_object().unwrap().len() == 2));
+
+    // One question about one JPEG.
+    let img = data.join("val2014/COCO_val2014_000000000007.jpg");
+    assert!(img.is_file());
+    let a = json(&ok(moevqa(&[
+        "answer",
+        "--run",
+        r,
+        "--image",
+        img.to_str().unwrap(),
+        "--question",
+        "What color is the circle?",
+        "--json",
+    ])));
+    assert!(a["answer"].as_str().is_some());
+    let p = a["probability"].as_f64().unwrap();
+    assert!(p > 0.0 && p < 1.0);
+    assert_eq!(a["experts"].as_array().unwrap().len(), 33);
+    assert_one_line_error(
+        &moevqa(&[
+            "answer",
+            "--run",
+            r,
+            "--image",
+            img.to_str().unwrap(),
+            "--question",
+            "xyzzy plugh",
+        ]),
+        "vocabulary",
+    );
+    assert_one_line_error(
+        &moevqa(&["eval", "--run", r, "--data", d, "--dataset", "clevr"]),
+        "is a vqa2 run",
+    );
+
+    // vqa-score refuses incomplete or inconsistent results.
+    let mut results: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&val_res).unwrap()).unwrap();
+    let bad = root.join("bad.json");
+    let score_bad = |v: &[serde_json::Value]| {
+        std::fs::write(&bad, serde_json::to_vec(v).unwrap()).unwrap();
+        moevqa(&[
+            "vqa-score",
+            "--results",
+            bad.to_str().unwrap(),
+            "--annotations",
+            ann.to_str().unwrap(),
+        ])
+    };
+    let first = results[0]["question_id"].as_u64().unwrap().to_string();
+    let mut dup = results.clone();
+    dup.push(results[0].clone());
+    assert_one_line_error(&score_bad(&dup), &first);
+    let mut unknown = results.clone();
+    unknown.push(serde_json::json!({"question_id": 424242, "answer": "yes"}));
+    assert_one_line_error(&score_bad(&unknown), "424242");
+    results.remove(0);
+    assert_one_line_error(&score_bad(&results), &first);
+    std::fs::write(&bad, b"[{\"question_id\": 1,").unwrap();
+    assert_one_line_error(
+        &moevqa(&[
+            "vqa-score",
+            "--results",
+            bad.to_str().unwrap(),
+            "--annotations",
+            ann.to_str().unwrap(),
+        ]),
+        "bad.json",
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn bad_vqa2_inputs_are_named() {
+    let root = fresh_dir("vqa2-bad");
+    let data = root.join("data");
+    let d = data.to_str().unwrap();
+    ok(moevqa(&[
+        "generate",
+        "vqa2",
+        "--out",
+        d,
+        "--train-images",
+        "3",
+        "--val-images",
+        "1",
+        "--test-images",
+        "1",
+        "--questions-per-image",
+        "2",
+        "--image-size",
+        "32",
+    ]));
+    let run = root.join("run");
+    let r = run.to_str().unwrap();
+    let fresh = || {
+        let _ = std::fs::remove_dir_all(&run);
+    };
+
+    // Corrupt and missing JPEGs.
+    let img = data.join("train2014/COCO_train2014_000000000002.jpg");
+    let jpeg = std::fs::read(&img).unwrap();
+    std::fs::write(&img, &jpeg[..jpeg.len() / 2]).unwrap();
+    assert_error_after_progress(
+        &moevqa(&train_args(d, r, &[])),
+        "COCO_train2014_000000000002.jpg",
+    );
+    std::fs::remove_file(&img).unwrap();
+    fresh();
+    assert_error_after_progress(
+        &moevqa(&train_args(d, r, &[])),
+        "COCO_train2014_000000000002.jpg",
+    );
+    std::fs::write(&img, &jpeg).unwrap();
+
+    // An annotation without ten answers, named by file and question id.
+    let ann_path = data.join("v2_mscoco_train2014_annotations.json");
+    let text = std::fs::read_to_string(&ann_path).unwrap();
+    let mut ann: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let qid = ann["annotations"][1]["question_id"].as_u64().unwrap();
+    ann["annotations"][1]["answers"]
+        .as_array_mut()
+        .unwrap()
+        .pop();
+    std::fs::write(&ann_path, serde_json::to_vec(&ann).unwrap()).unwrap();
+    fresh();
+    let out = moevqa(&train_args(d, r, &[]));
+    assert_one_line_error(&out, "v2_mscoco_train2014_annotations.json");
+    assert_one_line_error(&out, &qid.to_string());
+
+    // Malformed JSON: file, line and column.
+    std::fs::write(&ann_path, "{\"annotations\": [\n  {\"question_id\": }\n").unwrap();
+    fresh();
+    assert_one_line_error(
+        &moevqa(&train_args(d, r, &[])),
+        "v2_mscoco_train2014_annotations.json: line 2",
+    );
+    std::fs::write(&ann_path, text).unwrap();
+
+    // A missing questions file names the expected path.
+    let q = data.join("v2_OpenEnded_mscoco_train2014_questions.json");
+    let q_text = std::fs::read(&q).unwrap();
+    std::fs::remove_file(&q).unwrap();
+    fresh();
+    assert_one_line_error(
+        &moevqa(&train_args(d, r, &[])),
+        "v2_OpenEnded_mscoco_train2014_questions.json",
+    );
+    std::fs::write(&q, q_text).unwrap();
+
+    // A GloVe file of the wrong width.
+    let glove = root.join("glove.txt");
+    std::fs::write(&glove, "what 0.1 0.2\n").unwrap();
+    fresh();
+    assert_one_line_error(
+        &moevqa(&train_args(d, r, &["--glove", glove.to_str().unwrap()])),
+        "glove.txt: line 1",
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A torchvision-named state dict for `layout`, random weights.
+fn write_state_dict(layout: &CnnLayout, path: &Path) {
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![];
+    let bn = |name: &str, c: usize, t: &mut Vec<(String, Vec<usize>)>| {
+        for f in ["weight", "bias", "running_mean", "running_var"] {
+            t.push((format!("{name}.{f}"), vec![c]));
+        }
+    };
+    let s = &layout.stem;
+    tensors.push((
+        "conv1.weight".into(),
+        vec![s.channels, layout.input_channels, s.kernel, s.kernel],
+    ));
+    bn("bn1", s.channels, &mut tensors);
+    let mut c_in = s.channels;
+    for (si, st) in layout.stages.iter().enumerate() {
+        for b in 0..st.blocks {
+            let p = format!("layer{}.{b}", si + 1);
+            let stride = if b == 0 { st.stride } else { 1 };
+            tensors.push((format!("{p}.conv1.weight"), vec![st.inner, c_in, 1, 1]));
+            bn(&format!("{p}.bn1"), st.inner, &mut tensors);
+            tensors.push((
+                format!("{p}.conv2.weight"),
+                vec![st.inner, st.inner / st.paths, 3, 3],
+            ));
+            bn(&format!("{p}.bn2"), st.inner, &mut tensors);
+            tensors.push((format!("{p}.conv3.weight"), vec![st.out, st.inner, 1, 1]));
+            bn(&format!("{p}.bn3"), st.out, &mut tensors);
+            if b == 0 && (c_in != st.out || stride != 1) {
+                tensors.push((format!("{p}.downsample.0.weight"), vec![st.out, c_in, 1, 1]));
+                bn(&format!("{p}.downsample.1"), st.out, &mut tensors);
+            }
+            c_in = st.out;
+        }
+    }
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let var = name.ends_with("running_var");
+            let v: Vec<u8> = (0..n)
+                .flat_map(|j| {
+                    let x = ((i * 7919 + j * 104_729) % 1000) as f32 / 1000.0;
+                    let x = if var { 0.5 + x } else { (x - 0.5) * 0.2 };
+                    x.to_le_bytes()
+                })
+                .collect();
+            (name, shape, v)
+        })
+        .collect();
+    let views: HashMap<String, safetensors::tensor::TensorView> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(&views, None, path).unwrap();
+}
+
+#[test]
+fn import_resnext_then_train_from_it() {
+    let root = fresh_dir("vqa2-import");
+    std::fs::create_dir_all(&root).unwrap();
+    let st = root.join("clevr-cnn.safetensors");
+    write_state_dict(&CnnLayout::clevr(), &st);
+    let cnn = root.join("cnn.bin");
+    let out = json(&ok(moevqa(&[
+        "import-resnext",
+        "--from",
+        st.to_str().unwrap(),
+        "--layout",
+        "clevr",
+        "--question-dim",
+        "16",
+        "--out",
+        cnn.to_str().unwrap(),
+        "--json",
+    ])));
+    assert!(out["loaded"].as_u64().unwrap() > 50);
+    assert!(cnn.is_file());
+
+    let data = root.join("data");
+    let d = data.to_str().unwrap();
+    ok(moevqa(&[
+        "generate",
+        "vqa2",
+        "--out",
+        d,
+        "--train-images",
+        "3",
+        "--val-images",
+        "1",
+        "--test-images",
+        "1",
+        "--questions-per-image",
+        "2",
+        "--image-size",
+        "64",
+    ]));
+    let run = root.join("run");
+    let r = run.to_str().unwrap();
+    let mut args = train_args(
+        d,
+        r,
+        &["--layout", "clevr", "--init-cnn", cnn.to_str().unwrap()],
+    );
+    // The CLEVR layout has P = 12.
+    let k = args.iter().position(|a| *a == "--k").unwrap();
+    args[k + 1] = "6";
+    let s = args.iter().position(|a| *a == "--image-size").unwrap();
+    args[s + 1] = "64";
+    ok(moevqa(&args));
+    // A CNN file of other gate sizes is refused, naming the file.
+    let _ = std::fs::remove_dir_all(&run);
+    let q = args.iter().position(|a| *a == "--question-dim").unwrap();
+    args[q + 1] = "24";
+    assert_one_line_error(&moevqa(&args), "cnn.bin");
+    std::fs::remove_dir_all(&root).unwrap();
+}
