@@ -1007,10 +1007,7 @@ fn cmd_answer(
         return Ok(());
     }
     println!("{} (p = {:.3}, k = {})", a.answer, a.probability, a.k);
-    for (i, block) in a.experts.iter().enumerate() {
-        let list: Vec<String> = block.iter().map(|(e, g)| format!("{e} ({g:.3})")).collect();
-        println!("  block {}: experts {}", i + 1, list.join(", "));
-    }
+    vqa_cli::print_experts(&a.experts);
     Ok(())
 }
 

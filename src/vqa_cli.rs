@@ -335,11 +335,16 @@ pub fn cmd_answer_vqa(
         return Ok(());
     }
     println!("{} (score {:.3}, k = {})", a.answer, a.probability, a.k);
-    for (i, block) in a.experts.iter().enumerate() {
+    print_experts(&a.experts);
+    Ok(())
+}
+
+/// The experts chosen in each block, with their gate values.
+pub fn print_experts(experts: &[Vec<(usize, f64)>]) {
+    for (i, block) in experts.iter().enumerate() {
         let list: Vec<String> = block.iter().map(|(e, g)| format!("{e} ({g:.3})")).collect();
         println!("  block {}: experts {}", i + 1, list.join(", "));
     }
-    Ok(())
 }
 
 #[derive(Serialize)]

@@ -22,9 +22,9 @@ use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Gru, GruConfig, Linear, LinearConfig,
 };
 use burn::tensor::activation::{relu, sigmoid, softmax, tanh};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 
-use crate::cnn::{CnnLayout, Execution, GateSettings, ModularResNeXt, ModularResNeXtConfig};
+use crate::cnn::{CnnLayout, Execution, ModularResNeXt};
 use crate::error::{MoeError, Result as MoeResult};
 use crate::moe::Gates;
 
@@ -108,26 +108,23 @@ pub struct ButdOutput {
 impl ButdConfig {
     /// Builds the model.
     pub fn init(&self, device: &Device) -> MoeResult<Butd> {
-        for (what, v) in [
-            ("vocab_size", self.vocab_size),
-            ("num_answers", self.num_answers),
-            ("embed_dim", self.embed_dim),
-            ("question_dim", self.question_dim),
-            ("hidden", self.hidden),
-        ] {
-            if v == 0 {
-                return Err(MoeError::config(
-                    format!("butd {what}"),
-                    "must be at least 1",
-                ));
-            }
-        }
-        let gate = GateSettings::new()
-            .with_question_dim(self.question_dim)
-            .with_hidden(self.gate_hidden);
-        let cnn = ModularResNeXtConfig::new(self.layout.clone(), self.k)
-            .with_gate(gate)
-            .init(device)?;
+        super::require_positive(
+            "butd",
+            &[
+                ("vocab_size", self.vocab_size),
+                ("num_answers", self.num_answers),
+                ("embed_dim", self.embed_dim),
+                ("question_dim", self.question_dim),
+                ("hidden", self.hidden),
+            ],
+        )?;
+        let cnn = super::question_gated_cnn(
+            &self.layout,
+            self.k,
+            self.question_dim,
+            self.gate_hidden,
+            device,
+        )?;
         let v_dim = self.layout.output_shape(self.layout.default_input())?.0;
         let (q, h) = (self.question_dim, self.hidden);
         let no_bias = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
@@ -168,23 +165,8 @@ impl Butd {
         tokens: Tensor<2, Int>,
         lengths: &[usize],
     ) -> MoeResult<Tensor<2>> {
-        let [n, t] = tokens.dims();
-        if lengths.len() != n || lengths.iter().any(|&l| l == 0 || l > t) {
-            return Err(MoeError::shape(
-                "question lengths",
-                format!("{n} lengths in 1..={t}"),
-                format!("{lengths:?}"),
-            ));
-        }
-        let device = tokens.device();
         let out = self.gru.forward(self.embed.forward(tokens), None); // [N, T, Q]
-        let q = out.dims()[2];
-        let last: Vec<i64> = lengths
-            .iter()
-            .flat_map(|&l| std::iter::repeat_n((l - 1) as i64, q))
-            .collect();
-        let idx = Tensor::<3, Int>::from_data(TensorData::new(last, [n, 1, q]), &device);
-        Ok(out.gather(1, idx).reshape([n, q]))
+        super::last_step(out, lengths)
     }
 
     /// Top-down attention over `regions` [N, R, C] guided by `q` [N, Q]:
@@ -251,7 +233,7 @@ impl Butd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
+    use burn::tensor::{Distribution, TensorData};
 
     fn small(device: &Device) -> Butd {
         ButdConfig::new(20, 7, 2)

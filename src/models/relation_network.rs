@@ -20,7 +20,7 @@ use burn::nn::{
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::cnn::{CnnLayout, Execution, GateSettings, ModularResNeXt, ModularResNeXtConfig};
+use crate::cnn::{CnnLayout, Execution, ModularResNeXt};
 use crate::error::{MoeError, Result as MoeResult};
 use crate::moe::Gates;
 
@@ -81,28 +81,25 @@ pub struct RnOutput {
 impl RelationNetworkConfig {
     /// Builds the model.
     pub fn init(&self, device: &Device) -> MoeResult<RelationNetwork> {
-        for (what, v) in [
-            ("vocab_size", self.vocab_size),
-            ("num_answers", self.num_answers),
-            ("embed_dim", self.embed_dim),
-            ("question_dim", self.question_dim),
-            ("g_dim", self.g_dim),
-            ("g_layers", self.g_layers),
-            ("f_dim", self.f_dim),
-        ] {
-            if v == 0 {
-                return Err(MoeError::config(
-                    format!("relation network {what}"),
-                    "must be at least 1",
-                ));
-            }
-        }
-        let gate = GateSettings::new()
-            .with_question_dim(self.question_dim)
-            .with_hidden(self.gate_hidden);
-        let cnn = ModularResNeXtConfig::new(self.layout.clone(), self.k)
-            .with_gate(gate)
-            .init(device)?;
+        super::require_positive(
+            "relation network",
+            &[
+                ("vocab_size", self.vocab_size),
+                ("num_answers", self.num_answers),
+                ("embed_dim", self.embed_dim),
+                ("question_dim", self.question_dim),
+                ("g_dim", self.g_dim),
+                ("g_layers", self.g_layers),
+                ("f_dim", self.f_dim),
+            ],
+        )?;
+        let cnn = super::question_gated_cnn(
+            &self.layout,
+            self.k,
+            self.question_dim,
+            self.gate_hidden,
+            device,
+        )?;
         let obj_dim = self.layout.output_shape(self.layout.default_input())?.0 + 2;
         let lin = |i, o| LinearConfig::new(i, o).init(device);
         Ok(RelationNetwork {
@@ -154,23 +151,8 @@ impl RelationNetwork {
         tokens: Tensor<2, Int>,
         lengths: &[usize],
     ) -> MoeResult<Tensor<2>> {
-        let [n, t] = tokens.dims();
-        if lengths.len() != n || lengths.iter().any(|&l| l == 0 || l > t) {
-            return Err(MoeError::shape(
-                "question lengths",
-                format!("{n} lengths in 1..={t}"),
-                format!("{lengths:?}"),
-            ));
-        }
-        let device = tokens.device();
         let (out, _) = self.lstm.forward(self.embed.forward(tokens), None); // [N, T, B]
-        let b = out.dims()[2];
-        let last: Vec<i64> = lengths
-            .iter()
-            .flat_map(|&l| std::iter::repeat_n((l - 1) as i64, b))
-            .collect();
-        let idx = Tensor::<3, Int>::from_data(TensorData::new(last, [n, 1, b]), &device);
-        Ok(out.gather(1, idx).reshape([n, b]))
+        super::last_step(out, lengths)
     }
 
     /// g summed over all ordered object pairs, [N, g_dim].

@@ -197,12 +197,7 @@ pub fn train(
     let mut optim = adam();
     let mut start = 0;
     if resuming {
-        let (m, o, state) = load_checkpoint(&paths.checkpoint, model, optim, &ad)
-            .map_err(|e| TrainError::Io(e.to_string()))?;
-        model = m;
-        optim = o;
-        start = state.epoch;
-        rewrite_metrics(&paths.metrics, &state)?;
+        (model, optim, start) = resume_from(&paths, model, optim, &ad)?;
     }
     let mut lines = Vec::new();
     for epoch in start..cfg.epochs {
@@ -254,15 +249,7 @@ pub fn train(
             seconds: stats.seconds,
             val,
         };
-        let state = TrainState {
-            epoch: epoch + 1,
-            step: 0,
-            seed: cfg.seed,
-            metrics: serde_json::to_value(&line).unwrap_or_default(),
-        };
-        save_checkpoint(&paths.checkpoint, &model, &optim, &state)
-            .map_err(|e| TrainError::Io(e.to_string()))?;
-        append_metrics(&paths.metrics, &line)?;
+        record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
         progress.end_epoch(&EpochSummary {
             epoch: line.epoch,
             train_loss: line.train_loss,
@@ -306,6 +293,41 @@ pub fn open_run_dir<C: serde::de::DeserializeOwned>(
         }
     }
     Ok(resuming)
+}
+
+/// After an epoch: the checkpoint (with `line` as its metrics), then the
+/// metrics line.
+pub fn record_epoch<M: Module + std::fmt::Display>(
+    paths: &RunPaths,
+    model: &M,
+    optim: &burn::optim::ModuleOptimizer,
+    seed: u64,
+    line: &impl Serialize,
+    epoch: usize,
+) -> Result<(), TrainError> {
+    let state = TrainState {
+        epoch,
+        step: 0,
+        seed,
+        metrics: serde_json::to_value(line).unwrap_or_default(),
+    };
+    save_checkpoint(&paths.checkpoint, model, optim, &state)
+        .map_err(|e| TrainError::Io(e.to_string()))?;
+    append_metrics(&paths.metrics, line)
+}
+
+/// Loads the run's checkpoint into `model` and `optim` and trims the
+/// metrics to it; returns them with the number of completed epochs.
+pub fn resume_from<M: Module + std::fmt::Display>(
+    paths: &RunPaths,
+    model: M,
+    optim: burn::optim::ModuleOptimizer,
+    device: &Device,
+) -> Result<(M, burn::optim::ModuleOptimizer, usize), TrainError> {
+    let (m, o, state) = load_checkpoint(&paths.checkpoint, model, optim, device)
+        .map_err(|e| TrainError::Io(e.to_string()))?;
+    rewrite_metrics(&paths.metrics, &state)?;
+    Ok((m, o, state.epoch))
 }
 
 /// Appends one JSON line to `metrics.jsonl`.

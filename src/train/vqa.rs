@@ -30,11 +30,10 @@ use crate::models::butd::{Butd, ButdConfig, soft_bce};
 use crate::moe::BalanceLossConfig;
 use crate::text::{PAD, Vocab};
 use crate::train::TrainError;
-use crate::train::checkpoint::{TrainState, has_checkpoint, load_checkpoint, save_checkpoint};
+use crate::train::checkpoint::{has_checkpoint, load_checkpoint};
 use crate::train::clevr::{adam, argmax_rows};
 use crate::train::run::{
-    EpochSummary, Progress, RunPaths, append_metrics, epoch_seed, io_err, open_run_dir,
-    rewrite_metrics,
+    EpochSummary, Progress, RunPaths, epoch_seed, io_err, open_run_dir, record_epoch, resume_from,
 };
 
 /// ImageNet channel means and standard deviations (RGB).
@@ -423,12 +422,7 @@ pub fn train_vqa(
     let mut optim = adam();
     let mut start = 0;
     if resuming {
-        let (m, o, state) = load_checkpoint(&paths.checkpoint, model, optim, &ad)
-            .map_err(|e| TrainError::Io(e.to_string()))?;
-        model = m;
-        optim = o;
-        start = state.epoch;
-        rewrite_metrics(&paths.metrics, &state)?;
+        (model, optim, start) = resume_from(&paths, model, optim, &ad)?;
     }
     let num_answers = answers.len().max(1);
     let balance = BalanceLossConfig::new().with_weight(cfg.balance_weight);
@@ -506,15 +500,7 @@ pub fn train_vqa(
             seconds,
             val,
         };
-        let state = TrainState {
-            epoch: epoch + 1,
-            step: 0,
-            seed: cfg.seed,
-            metrics: serde_json::to_value(&line).unwrap_or_default(),
-        };
-        save_checkpoint(&paths.checkpoint, &model, &optim, &state)
-            .map_err(|e| TrainError::Io(e.to_string()))?;
-        append_metrics(&paths.metrics, &line)?;
+        record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
         progress.end_epoch(&EpochSummary {
             epoch: line.epoch,
             train_loss: line.train_loss,

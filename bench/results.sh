@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reproduces the README's training results (CPU, hours): the demo, clevr-2d at
+# k = P, P/2, P/4, the VQA-v2-layout table at k = 32, 16, 8, and a longer
+# Sort-of-CLEVR run at k = P and P/2. Usage: bench/results.sh [OUT] [STEP...]
+# (steps: demo clevr2d vqa2 soc; default all). Each step writes JSON to OUT.
+set -euo pipefail
+OUT=${1:-results}
+shift || true
+STEPS=${*:-demo clevr2d vqa2 soc}
+B=${MOEVQA:-target/release/moevqa}
+mkdir -p "$OUT"
+for step in $STEPS; do
+  case $step in
+  demo)
+    $B demo --out "$OUT/demo" --json > "$OUT/demo.json" ;;
+  clevr2d)
+    $B generate clevr-2d --out "$OUT/clevr2d-data" --train-images 1000 --val-images 200 --seed 1
+    for k in 12 6 3; do
+      $B train --data "$OUT/clevr2d-data" --out "$OUT/clevr2d-k$k" --k $k --epochs 6 --batch 64 \
+        --image-size 64 --g-dim 128 --f-dim 128 --lr 1e-3
+      $B eval --run "$OUT/clevr2d-k$k" --data "$OUT/clevr2d-data" --json > "$OUT/clevr2d-k$k.json"
+    done ;;
+  vqa2)
+    $B demo --dataset vqa2 --out "$OUT/vqa2" --train-images 200 --val-images 60 --epochs 3 \
+      --image-size 32 --json > "$OUT/vqa2.json" ;;
+  soc)
+    $B generate sort-of-clevr --out "$OUT/soc-data" --train-images 2000 --val-images 200 --seed 1
+    for k in 12 6; do
+      $B train --data "$OUT/soc-data" --out "$OUT/soc-k$k" --k $k --epochs 6 --batch 64 \
+        --image-size 64 --g-dim 128 --f-dim 128 --lr 1e-3
+      $B eval --run "$OUT/soc-k$k" --data "$OUT/soc-data" --json > "$OUT/soc-k$k.json"
+    done ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
