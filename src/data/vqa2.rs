@@ -788,12 +788,9 @@ mod tests {
     /// test --release --lib data::vqa2::tests::opens_a_full_size_train_split
     /// -- --ignored --nocapture`.
     #[test]
-    #[ignore]
+    #[ignore = "needs MOEVQA_VQA2_ROOT, a directory with the real VQA v2 files"]
     fn opens_a_full_size_train_split() {
-        let Some(root) = std::env::var_os("MOEVQA_VQA2_ROOT") else {
-            eprintln!("MOEVQA_VQA2_ROOT is not set");
-            return;
-        };
+        let root = std::env::var_os("MOEVQA_VQA2_ROOT").expect("MOEVQA_VQA2_ROOT names the data");
         let t = std::time::Instant::now();
         let train = Vqa2Split::open(Path::new(&root), "train2014").unwrap();
         let opened = t.elapsed();
