@@ -499,6 +499,28 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Training steps of the full-size Relation Network on random data: questions/s of a step.
+    Train {
+        /// `clevr` (the Relation Network on the CNN of Table 4).
+        #[arg(long, default_value = "clevr")]
+        model: String,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Paths kept per block; default P = 12.
+        #[arg(long, default_value_t = 12)]
+        k: usize,
+        /// Square input size.
+        #[arg(long, default_value_t = 128)]
+        image_size: u32,
+        /// Timed steps (median reported).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Untimed warm-up steps.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// The image loader alone: decode + resize throughput on a CLEVR-layout directory.
     Loader {
         /// Dataset directory in the CLEVR v1.0 layout.
@@ -1145,6 +1167,32 @@ fn run(cli: Cli) -> Result<()> {
             } => {
                 let device = pick_device(&cli.device)?;
                 cmd_bench_block(&device, &preset, batch, k, iters, warmup, json)
+            }
+            BenchCommand::Train {
+                model,
+                batch,
+                k,
+                image_size,
+                iters,
+                warmup,
+                json,
+            } => {
+                if model != "clevr" {
+                    bail!("--model '{model}': expected clevr");
+                }
+                let device = pick_device(&cli.device)?;
+                let r = moevqa::train::clevr::bench_train_step(
+                    batch, k, image_size, iters, warmup, &device,
+                )?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "train step, Relation Network (g 4x256, f 256) on the CNN of Table 4, batch {batch}, k = {k}, {image_size}x{image_size}: {:.1} ms/step (median of {iters}), {:.1} questions/s",
+                        r.step_ms, r.questions_per_s
+                    );
+                }
+                Ok(())
             }
             BenchCommand::Loader {
                 data,

@@ -411,3 +411,80 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// Timing of training steps (`moevqa bench train`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainStepBench {
+    pub model: String,
+    pub batch: usize,
+    pub k: usize,
+    pub image_size: u32,
+    pub iters: usize,
+    /// Median milliseconds of one step (forward, loss, backward, Adam).
+    pub step_ms: f64,
+    pub questions_per_s: f64,
+}
+
+/// Times `iters` training steps (after `warmup` untimed ones) of the
+/// full-size Relation Network (g 4x256, f 256, LSTM 128) on random images
+/// and questions of 10 words: the cost of a step, without data loading.
+pub fn bench_train_step(
+    batch: usize,
+    k: usize,
+    image_size: u32,
+    iters: usize,
+    warmup: usize,
+    device: &Device,
+) -> Result<TrainStepBench, TrainError> {
+    use burn::tensor::Distribution;
+    if batch == 0 || iters == 0 {
+        return Err(TrainError::Input(
+            "--batch and --iters must be at least 1".into(),
+        ));
+    }
+    let ad = device.clone().autodiff();
+    ad.seed(1);
+    let mut model = RelationNetworkConfig::new(80, 10, k).init(&ad)?;
+    let mut optim = adam();
+    let s = image_size as usize;
+    let images = Tensor::<4>::random([batch, 3, s, s], Distribution::Normal(0.0, 1.0), &ad);
+    let tokens = Tensor::<2, Int>::random([batch, 10], Distribution::Uniform(2.0, 79.0), &ad);
+    let lengths = vec![10; batch];
+    let targets = Tensor::<1, Int>::random([batch], Distribution::Uniform(0.0, 9.0), &ad);
+    let ce = CrossEntropyLossConfig::new().init(&ad);
+    let balance = BalanceLossConfig::new();
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..warmup + iters {
+        let t0 = Instant::now();
+        let out = model.forward(
+            images.clone(),
+            tokens.clone(),
+            &lengths,
+            k,
+            Execution::Dense,
+        )?;
+        let values: Vec<_> = out.gates.iter().map(|g| g.values.clone()).collect();
+        let mut loss = ce.forward(out.logits, targets.clone());
+        if let Some(b) = balance.loss(&values) {
+            loss = loss + b;
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-4, model, grads);
+        ad.sync()
+            .map_err(|e| TrainError::Input(format!("device sync: {e:?}")))?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let step_ms = times[times.len() / 2];
+    Ok(TrainStepBench {
+        model: "clevr".into(),
+        batch,
+        k,
+        image_size,
+        iters,
+        step_ms,
+        questions_per_s: batch as f64 / (step_ms / 1e3),
+    })
+}
