@@ -656,3 +656,40 @@ pub fn answer_vqa(
         experts,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glove_rows_are_set_and_still_train() {
+        let dir = crate::data::test_dir("vqa-glove");
+        std::fs::create_dir_all(&dir).unwrap();
+        let glove = dir.join("glove.txt");
+        std::fs::write(&glove, "red 1 2 3 4\nzebra 5 6 7 8\n").unwrap();
+        let words = Vocab::words(["what is red"], 1);
+        let device = Device::default().autodiff();
+        let model = ButdConfig::new(words.len(), 3, 12)
+            .with_layout(CnnLayout::clevr())
+            .with_embed_dim(4)
+            .with_question_dim(8)
+            .with_hidden(8)
+            .init(&device)
+            .unwrap();
+        let model = init_glove(model, &words, &glove).unwrap();
+        let red = words.get("red").unwrap();
+        let w = model.embed.weight.val();
+        let row = w
+            .clone()
+            .slice([red..red + 1, 0..4])
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(row, vec![1.0, 2.0, 3.0, 4.0]);
+        // The replaced parameter still requires grad.
+        let grads = (w * 2.0).sum().backward();
+        assert!(model.embed.weight.grad(&grads).is_some());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
