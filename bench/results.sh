@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Reproduces the README's training results (CPU, hours): the demo, clevr-2d at
-# k = P, P/2, P/4, the VQA-v2-layout table at k = 32, 16, 8, and a longer
-# Sort-of-CLEVR run at k = P and P/2. Usage: bench/results.sh [OUT] [STEP...]
-# (steps: demo clevr2d vqa2 soc; default all). Each step writes JSON to OUT.
+# Reproduces the README's training results (CPU, about 75 minutes on 2 cores):
+# the demo, clevr-2d at k = P, P/2, P/4 and the VQA-v2-layout table at
+# k = 32, 16, 8; `soc` is a longer Sort-of-CLEVR run at k = P and P/2 (about
+# 90 minutes more, not in the README yet). Usage: bench/results.sh [OUT]
+# [STEP...] (steps: demo clevr2d vqa2 soc; default the first three). Each
+# step writes JSON to OUT.
 set -euo pipefail
 OUT=${1:-results}
 shift || true
-STEPS=${*:-demo clevr2d vqa2 soc}
+STEPS=${*:-demo clevr2d vqa2}
 B=${MOEVQA:-target/release/moevqa}
 mkdir -p "$OUT"
 for step in $STEPS; do
