@@ -6,16 +6,59 @@
 //! `clevr-convN` the single block of stage N of Table 4 at 128x128, and
 //! `ref-256x28` the block of the performance issue and of
 //! `shared/examples` (256 channels, width 128, P = 32, 28x28).
+//!
+//! Two engines run the same blocks: `burn` (the plain-tensor
+//! [`crate::moe::Bottleneck`] on the Burn device) and `fast` (the eval-mode
+//! CPU path of [`crate::kernels`], weights packed once outside the timing).
+//! [`bench_cnn`] times a whole CNN the same way.
 
+use std::str::FromStr;
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::Serialize;
 
 use crate::cnn::layout::{BlockSpec, CnnLayout};
+use crate::cnn::{Execution, GateSettings, ModularResNeXtConfig};
 use crate::error::{MoeError, Result};
-use crate::flops::block_macs;
+use crate::flops::{block_macs, count_macs};
+use crate::kernels::{PackedBottleneck, PackedResNeXt};
 use crate::moe::{BottleneckConfig, check_k};
+
+/// Which implementation a benchmark times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Plain Burn tensor ops on the given device.
+    Burn,
+    /// The eval-mode CPU path of [`crate::kernels`].
+    Fast,
+}
+
+impl Engine {
+    /// Its name on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Burn => "burn",
+            Engine::Fast => "fast",
+        }
+    }
+}
+
+impl FromStr for Engine {
+    type Err = MoeError;
+    fn from_str(s: &str) -> Result<Engine> {
+        match s {
+            "burn" => Ok(Engine::Burn),
+            "fast" => Ok(Engine::Fast),
+            other => Err(MoeError::Unknown {
+                kind: "engine",
+                name: other.into(),
+                expected: "burn, fast".into(),
+            }),
+        }
+    }
+}
 
 /// All block presets, in a stable order.
 pub fn block_presets() -> Vec<(String, BlockSpec)> {
@@ -92,8 +135,12 @@ pub struct BlockBench {
     pub efficiency: f64,
     pub dense_macs: u64,
     pub sparse_macs: u64,
-    /// max |sparse - dense| / max |dense| on the timed inputs.
+    /// max |sparse - dense| / max |dense| on the timed inputs (for a whole
+    /// CNN: sparse against the Burn dense execution of the same gated
+    /// network at k).
     pub max_rel_diff: f64,
+    /// Implementation timed: "burn" or "fast".
+    pub engine: Engine,
 }
 
 /// Deterministic pseudo-random selection of k distinct paths per sample
@@ -221,5 +268,186 @@ pub fn bench_block(
         dense_macs,
         sparse_macs,
         max_rel_diff: diff,
+        engine: Engine::Burn,
+    })
+}
+
+/// max |a - b| / max |b| of host slices.
+pub fn max_rel_diff_slices(a: &[f32], b: &[f32]) -> f64 {
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max) as f64;
+    let scale = b.iter().map(|y| y.abs()).fold(0.0f32, f32::max) as f64;
+    diff / scale.max(f64::MIN_POSITIVE)
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| MoeError::config("benchmark tensor", format!("{e:?}")))
+}
+
+/// [`bench_block`] on the fast CPU path ([`PackedBottleneck`]): the same
+/// block, inputs, gates and selection; dense runs all P paths with the
+/// masked gates (as the Burn dense reference does), sparse only the k
+/// selected ones. Packing happens once, outside the timing.
+pub fn bench_block_fast(
+    preset: &str,
+    batch: usize,
+    k: usize,
+    iters: usize,
+    warmup: usize,
+    device: &Device,
+) -> Result<BlockBench> {
+    let spec = find_preset(preset)?;
+    check_k(k, spec.paths)?;
+    if batch == 0 {
+        return Err(MoeError::config("--batch", "must be at least 1"));
+    }
+    device.seed(7);
+    let block = BottleneckConfig::new(spec.in_channels, spec.inner, spec.out_channels, spec.paths)
+        .with_stride(spec.stride)
+        .init(device)?;
+    let block = block.with_random_batch_norms(device);
+    let packed = PackedBottleneck::from_block(&block)?;
+    let (h, w) = spec.input_hw;
+    let x = Tensor::<4>::random(
+        [batch, spec.in_channels, h, w],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let xv = host(x)?;
+    let gates = random_gates(batch, spec.paths, device);
+    let sel = random_selection(batch, spec.paths, k, 11);
+    let mask = crate::moe::gate::selection_mask(&sel, spec.paths, device);
+    let gv = host(gates.clone())?;
+    let mv = host(gates * mask)?;
+    let every: Vec<Vec<usize>> = vec![(0..spec.paths).collect(); batch];
+
+    // Output buffers allocated once, outside the timing: the kernels'
+    // time, not the allocator's (a fresh 25 MB output costs a few ms of page
+    // faults or zeroing; the whole-CNN path reuses its buffers the same way).
+    let (h2, w2) = packed.output_hw(h, w);
+    let len = batch * spec.out_channels * h2 * w2;
+    let (mut dense_out, mut sparse_out) = (vec![0.0f32; len], vec![0.0f32; len]);
+    packed.forward_into(&xv, batch, h, w, Some((&mv, &every)), &mut dense_out)?;
+    packed.forward_into(&xv, batch, h, w, Some((&gv, &sel)), &mut sparse_out)?;
+    let diff = max_rel_diff_slices(&sparse_out, &dense_out);
+    let dense_ms = time_ms(device, warmup, iters, || {
+        packed.forward_into(&xv, batch, h, w, Some((&mv, &every)), &mut dense_out)
+    });
+    let sparse_ms = time_ms(device, warmup, iters, || {
+        packed.forward_into(&xv, batch, h, w, Some((&gv, &sel)), &mut sparse_out)
+    });
+    let sum = |v: Vec<crate::flops::LayerMacs>| v.iter().map(|l| l.macs).sum::<u64>();
+    let dense_macs = sum(block_macs(&spec, Some(spec.paths)));
+    let sparse_macs = sum(block_macs(&spec, Some(k)));
+    let speedup = dense_ms / sparse_ms;
+    let flops_ratio = dense_macs as f64 / sparse_macs as f64;
+    Ok(BlockBench {
+        preset: preset.into(),
+        batch,
+        k,
+        paths: spec.paths,
+        iters,
+        dense_ms,
+        sparse_ms,
+        speedup,
+        flops_ratio,
+        efficiency: speedup / flops_ratio,
+        dense_macs,
+        sparse_macs,
+        max_rel_diff: diff,
+        engine: Engine::Fast,
+    })
+}
+
+/// Times a whole CNN (`model`: `clevr` or `vqa`, see
+/// [`CnnLayout::by_model`]) at `input_size`x`input_size`, eval mode: dense
+/// is the ungated baseline network (every path, no gate controllers), sparse
+/// the gated network running its top-k paths. MACs are per image, CNN plus
+/// gate controllers ([`count_macs`]), so efficiency charges the controllers
+/// to the sparse side. `preset` in the result is `"{model}-cnn-{input_size}"`,
+/// `paths` the layout's P. One warm-up run.
+pub fn bench_cnn(
+    model: &str,
+    batch: usize,
+    k: usize,
+    input_size: usize,
+    iters: usize,
+    engine: Engine,
+    device: &Device,
+) -> Result<BlockBench> {
+    let layout = CnnLayout::by_model(model)?;
+    if batch == 0 {
+        return Err(MoeError::config("--batch", "must be at least 1"));
+    }
+    let input = (input_size, input_size);
+    layout.output_shape(input)?;
+    let gate = GateSettings::new();
+    let dense_macs = count_macs(&layout, input, None, &gate)?.total();
+    let sparse_macs = count_macs(&layout, input, Some(k), &gate)?.total();
+    device.seed(7);
+    let gated = ModularResNeXtConfig::new(layout.clone(), k).init(device)?;
+    let plain = ModularResNeXtConfig::new(layout.clone(), k)
+        .with_gated(false)
+        .init(device)?;
+    let images = Tensor::<4>::random(
+        [batch, layout.input_channels, input_size, input_size],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let q = Tensor::<2>::random(
+        [batch, gate.question_dim],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let reference = gated
+        .forward_k(images.clone(), Some(q.clone()), k, Execution::Dense)?
+        .features;
+    let (dense_ms, sparse_ms, diff) = match engine {
+        Engine::Burn => {
+            let dense = || plain.forward_k(images.clone(), None, k, Execution::Dense);
+            let sparse = || gated.forward_k(images.clone(), Some(q.clone()), k, Execution::Sparse);
+            let diff = max_rel_diff(sparse()?.features, reference);
+            (
+                time_ms(device, 1, iters, dense),
+                time_ms(device, 1, iters, sparse),
+                diff,
+            )
+        }
+        Engine::Fast => {
+            let gated = PackedResNeXt::from_cnn(&gated)?;
+            let plain = PackedResNeXt::from_cnn(&plain)?;
+            let dense = || plain.forward_k(images.clone(), None, k, Execution::Dense);
+            let sparse = || gated.forward_k(images.clone(), Some(q.clone()), k, Execution::Sparse);
+            let diff = max_rel_diff(sparse()?.features, reference);
+            (
+                time_ms(device, 1, iters, dense),
+                time_ms(device, 1, iters, sparse),
+                diff,
+            )
+        }
+    };
+    let speedup = dense_ms / sparse_ms;
+    let flops_ratio = dense_macs as f64 / sparse_macs as f64;
+    Ok(BlockBench {
+        preset: format!("{model}-cnn-{input_size}"),
+        batch,
+        k,
+        paths: layout.paths().unwrap_or(0),
+        iters,
+        dense_ms,
+        sparse_ms,
+        speedup,
+        flops_ratio,
+        efficiency: speedup / flops_ratio,
+        dense_macs,
+        sparse_macs,
+        max_rel_diff: diff,
+        engine,
     })
 }

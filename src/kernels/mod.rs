@@ -1,0 +1,56 @@
+//! Fast CPU path for eval-mode (inference) bottleneck blocks and whole CNNs.
+//!
+//! Why: on Burn 0.22.1's Flex backend the grouped 3x3 convolution runs at
+//! about 2 GFLOP/s, and every plain-tensor op of the sparse block
+//! (`select`, batched `matmul`, the grouped conv with the batch folded into
+//! the groups, BN, ReLU) makes its own pass over memory; in the whole CNN
+//! the stem conv, the max pool and the gate controllers (libm `tanh` per
+//! hidden unit and region) cost more than the blocks. The fast path works on
+//! host `f32` slices instead (NCHW, like the tensors), one sample at a time,
+//! so that a sample's activations stay in the core's cache:
+//!
+//! - a block's weights are packed once ([`PackedBottleneck::from_block`])
+//!   with the eval-mode BN folded in: each BN's scale multiplies the rows of
+//!   the conv before it, its shift becomes a bias applied in the next pass;
+//! - reduce 1x1 and expand 1x1 (and the projection shortcut) are GEMMs of the
+//!   `gemm` crate (runtime-dispatched AVX2/AVX-512 kernels); for a sparse
+//!   sample only the k selected paths' rows of the reduce weight and columns
+//!   of the expand weight are used (copied per sample: `k*d*(C_in + C_out)`
+//!   values, small beside the GEMMs except for the widest stage);
+//! - the grouped 3x3 (stride s, padding 1) is a direct kernel per path: the
+//!   reduce's epilogue (bias + ReLU) writes the path's `d` channels zero-padded
+//!   and split into `s*s` phase planes, so every one of the 9 taps is a
+//!   contiguous shifted read and the inner loop is a register-blocked FMA
+//!   loop (no im2col); its epilogue applies the BN shift, ReLU and the gate;
+//! - the expand GEMM runs by blocks of output channels, each followed at
+//!   once by bias + residual + ReLU while it is still in cache;
+//! - the hand-written loops are compiled for AVX-512, AVX2+FMA and baseline
+//!   x86-64 and picked at run time (`is_x86_feature_detected!`);
+//! - parallelism: over samples (each sample single-threaded) when the batch
+//!   has at least as many samples as threads, otherwise inside the sample
+//!   (the reduce GEMM by `gemm`'s rayon mode, the 3x3 by path, the expand by
+//!   channel block).
+//!
+//! Dense execution is the same code with all P paths (no copy of weights),
+//! so dense and sparse timings compare like with like.
+//!
+//! [`PackedResNeXt`] runs a whole [`crate::cnn::ModularResNeXt`] this way,
+//! sample by sample from the image to the features: the stem and the 1x1
+//! head as im2col + GEMM with BN folded, the max pool, every gate
+//! controller (its attention as one GEMM, `tanh` as a vectorised rational
+//! approximation) and every block. It returns the same
+//! [`crate::cnn::CnnOutput`] as `ModularResNeXt::forward_k`.
+//!
+//! Scope: eval mode only (BN with running statistics, no autodiff). Training
+//! keeps the Burn path ([`crate::moe::Bottleneck::forward_dense`] on an
+//! autodiff device); there is no backward pass here.
+
+mod block;
+mod cnn;
+mod conv3x3;
+mod gate;
+mod matmul;
+mod stem;
+
+pub use block::{BlockProfile, PackedBottleneck};
+pub use cnn::PackedResNeXt;
