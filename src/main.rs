@@ -495,7 +495,44 @@ enum BenchCommand {
         /// Untimed warm-up iterations.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// `burn` (plain Burn tensor ops, what training runs) or `fast` (the eval-mode CPU kernels).
+        #[arg(long, default_value = "burn")]
+        engine: String,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The whole CNN, eval-mode forward: the ungated network (dense) against the gated one at k (sparse).
+    Cnn {
+        /// `clevr` (Table 4) or `vqa` (ResNeXt-101 32x4d, Table 3).
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Paths kept per block; default P/4.
+        #[arg(long)]
+        k: Option<usize>,
+        /// Square input size; default the paper's (128 or 224).
+        #[arg(long)]
+        input: Option<usize>,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// `burn` or `fast`.
+        #[arg(long, default_value = "fast")]
+        engine: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The table of the performance goal: every block preset at batch 1 and 32, k = P/2 and P/4, and both whole CNNs; efficiency per row.
+    All {
+        /// `burn` or `fast`.
+        #[arg(long, default_value = "fast")]
+        engine: String,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Batch of the whole ResNeXt-101 rows (224x224 costs 8 GMACs per image).
+        #[arg(long, default_value_t = 2)]
+        vqa_batch: usize,
         #[arg(long)]
         json: bool,
     },
@@ -717,6 +754,124 @@ fn cmd_flops(model: &str, ks: &[usize], input: Option<usize>, json: bool) -> Res
     Ok(())
 }
 
+fn print_bench(r: &moevqa::bench::BlockBench) {
+    println!(
+        "{} [{}] batch {} k {}/{} ({} timed iters, median)\n  dense  {:>9.3} ms  {:>12} MACs/img\n  sparse {:>9.3} ms  {:>12} MACs/img\n  speedup {:.2}x  MAC ratio {:.2}x  efficiency {:.2}  max rel diff {:.1e}",
+        r.preset,
+        r.engine.name(),
+        r.batch,
+        r.k,
+        r.paths,
+        r.iters,
+        r.dense_ms,
+        r.dense_macs,
+        r.sparse_ms,
+        r.sparse_macs,
+        r.speedup,
+        r.flops_ratio,
+        r.efficiency,
+        r.max_rel_diff
+    );
+}
+
+fn parse_engine(name: &str) -> Result<moevqa::bench::Engine> {
+    name.parse().map_err(|e| anyhow::anyhow!("--engine: {e}"))
+}
+
+#[allow(clippy::too_many_arguments)] // one parameter per flag
+fn cmd_bench_cnn(
+    device: &Device,
+    model: &str,
+    batch: usize,
+    k: Option<usize>,
+    input: Option<usize>,
+    iters: usize,
+    engine: &str,
+    json: bool,
+) -> Result<()> {
+    let engine = parse_engine(engine)?;
+    let layout = CnnLayout::by_model(model)?;
+    let p = layout.paths().context("layout has stages of different P")?;
+    let input = input.unwrap_or(layout.default_input().0);
+    if iters == 0 {
+        bail!("--iters 0 is invalid: expected at least 1 timed iteration");
+    }
+    let r = moevqa::bench::bench_cnn(
+        model,
+        batch,
+        k.unwrap_or((p / 4).max(1)),
+        input,
+        iters,
+        engine,
+        device,
+    )?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_bench(&r);
+    }
+    Ok(())
+}
+
+fn cmd_bench_all(
+    device: &Device,
+    engine: &str,
+    iters: usize,
+    vqa_batch: usize,
+    json: bool,
+) -> Result<()> {
+    let engine = parse_engine(engine)?;
+    if iters == 0 || vqa_batch == 0 {
+        bail!("--iters and --vqa-batch must be at least 1");
+    }
+    let mut rows = Vec::new();
+    let mut add = |r: moevqa::bench::BlockBench| {
+        if !json {
+            println!(
+                "{:<20} batch {:>2} k {:>2}/{:<2} dense {:>9.3} ms sparse {:>9.3} ms speedup {:>5.2}x MAC ratio {:>5.2}x efficiency {:.2}",
+                r.preset,
+                r.batch,
+                r.k,
+                r.paths,
+                r.dense_ms,
+                r.sparse_ms,
+                r.speedup,
+                r.flops_ratio,
+                r.efficiency
+            );
+        }
+        rows.push(r);
+    };
+    for (name, spec) in block_presets() {
+        for batch in [1, 32] {
+            for k in [spec.paths / 2, spec.paths / 4] {
+                let r = match engine {
+                    moevqa::bench::Engine::Burn => bench_block(&name, batch, k, iters, 2, device)?,
+                    moevqa::bench::Engine::Fast => {
+                        moevqa::bench::bench_block_fast(&name, batch, k, iters, 2, device)?
+                    }
+                };
+                add(r);
+            }
+        }
+    }
+    for (model, batches, p) in [("clevr", vec![1, 32], 12), ("vqa", vec![1, vqa_batch], 32)] {
+        let input = CnnLayout::by_model(model)?.default_input().0;
+        for batch in batches {
+            for k in [p / 2, p / 4] {
+                add(moevqa::bench::bench_cnn(
+                    model, batch, k, input, iters, engine, device,
+                )?);
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)] // one parameter per flag
 fn cmd_bench_block(
     device: &Device,
     preset: &str,
@@ -724,8 +879,10 @@ fn cmd_bench_block(
     k: Option<usize>,
     iters: usize,
     warmup: usize,
+    engine: &str,
     json: bool,
 ) -> Result<()> {
+    let engine = parse_engine(engine)?;
     if preset == "list" {
         for (name, b) in block_presets() {
             println!(
@@ -746,28 +903,18 @@ fn cmd_bench_block(
     }
     let spec = moevqa::bench::find_preset(preset).map_err(|e| anyhow::anyhow!("--preset: {e}"))?;
     let k = k.unwrap_or((spec.paths / 4).max(1));
-    let r = bench_block(preset, batch, k, iters, warmup, device)
-        .map_err(|e| anyhow::anyhow!("--k/--batch: {e}"))?;
+    let r = match engine {
+        moevqa::bench::Engine::Burn => bench_block(preset, batch, k, iters, warmup, device),
+        moevqa::bench::Engine::Fast => {
+            moevqa::bench::bench_block_fast(preset, batch, k, iters, warmup, device)
+        }
+    }
+    .map_err(|e| anyhow::anyhow!("--k/--batch: {e}"))?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    println!(
-        "block {} batch {} k {}/{} ({} timed iters, median)\n  dense  {:>9.3} ms  {:>12} MACs/img\n  sparse {:>9.3} ms  {:>12} MACs/img\n  speedup {:.2}x  MAC ratio {:.2}x  efficiency {:.2}  max rel diff {:.1e}",
-        r.preset,
-        r.batch,
-        r.k,
-        r.paths,
-        r.iters,
-        r.dense_ms,
-        r.dense_macs,
-        r.sparse_ms,
-        r.sparse_macs,
-        r.speedup,
-        r.flops_ratio,
-        r.efficiency,
-        r.max_rel_diff
-    );
+    print_bench(&r);
     Ok(())
 }
 
@@ -1163,10 +1310,32 @@ fn run(cli: Cli) -> Result<()> {
                 k,
                 iters,
                 warmup,
+                engine,
                 json,
             } => {
                 let device = pick_device(&cli.device)?;
-                cmd_bench_block(&device, &preset, batch, k, iters, warmup, json)
+                cmd_bench_block(&device, &preset, batch, k, iters, warmup, &engine, json)
+            }
+            BenchCommand::Cnn {
+                model,
+                batch,
+                k,
+                input,
+                iters,
+                engine,
+                json,
+            } => {
+                let device = pick_device(&cli.device)?;
+                cmd_bench_cnn(&device, &model, batch, k, input, iters, &engine, json)
+            }
+            BenchCommand::All {
+                engine,
+                iters,
+                vqa_batch,
+                json,
+            } => {
+                let device = pick_device(&cli.device)?;
+                cmd_bench_all(&device, &engine, iters, vqa_batch, json)
             }
             BenchCommand::Train {
                 model,

@@ -210,3 +210,62 @@ fn generate_sort_of_clevr_writes_the_layout_and_reports_errors() {
     );
     std::fs::remove_file(file).unwrap();
 }
+
+#[test]
+fn bench_fast_engine_and_whole_cnn_json() {
+    let out = moevqa(&[
+        "bench",
+        "block",
+        "--preset",
+        "clevr-conv3",
+        "--batch",
+        "2",
+        "--k",
+        "6",
+        "--iters",
+        "1",
+        "--engine",
+        "fast",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["engine"], "fast");
+    assert!(v["max_rel_diff"].as_f64().unwrap() < 1e-4);
+    let out = moevqa(&[
+        "bench", "cnn", "--model", "clevr", "--batch", "2", "--k", "6", "--input", "64", "--iters",
+        "1", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "dense_ms",
+        "sparse_ms",
+        "efficiency",
+        "dense_macs",
+        "sparse_macs",
+        "max_rel_diff",
+    ] {
+        assert!(v[key].as_f64().is_some(), "missing {key}");
+    }
+    assert!(v["max_rel_diff"].as_f64().unwrap() < 1e-4);
+    assert_one_line_error(
+        &moevqa(&[
+            "bench",
+            "block",
+            "--preset",
+            "clevr-conv3",
+            "--engine",
+            "gpu",
+        ]),
+        "--engine",
+    );
+}
