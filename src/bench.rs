@@ -12,7 +12,6 @@
 //! CPU path of [`crate::kernels`], weights packed once outside the timing).
 //! [`bench_cnn`] times a whole CNN the same way.
 
-use std::str::FromStr;
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
@@ -22,43 +21,9 @@ use crate::cnn::layout::{BlockSpec, CnnLayout};
 use crate::cnn::{Execution, GateSettings, ModularResNeXtConfig};
 use crate::error::{MoeError, Result};
 use crate::flops::{block_macs, count_macs};
+pub use crate::kernels::Engine;
 use crate::kernels::{PackedBottleneck, PackedResNeXt};
 use crate::moe::{BottleneckConfig, check_k};
-
-/// Which implementation a benchmark times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// Plain Burn tensor ops on the given device.
-    Burn,
-    /// The eval-mode CPU path of [`crate::kernels`].
-    Fast,
-}
-
-impl Engine {
-    /// Its name on the command line and in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Engine::Burn => "burn",
-            Engine::Fast => "fast",
-        }
-    }
-}
-
-impl FromStr for Engine {
-    type Err = MoeError;
-    fn from_str(s: &str) -> Result<Engine> {
-        match s {
-            "burn" => Ok(Engine::Burn),
-            "fast" => Ok(Engine::Fast),
-            other => Err(MoeError::Unknown {
-                kind: "engine",
-                name: other.into(),
-                expected: "burn, fast".into(),
-            }),
-        }
-    }
-}
 
 /// All block presets, in a stable order.
 pub fn block_presets() -> Vec<(String, BlockSpec)> {

@@ -9,6 +9,7 @@ use moevqa::bench::{bench_block, block_presets};
 use moevqa::cnn::{CnnLayout, GateSettings};
 use moevqa::data::sort_of_clevr::GenerateSummary;
 use moevqa::flops::{count_macs, paper_flops};
+use moevqa::train::Inference;
 use serde::Serialize;
 
 mod vqa_cli;
@@ -92,11 +93,8 @@ enum Command {
         /// Split: val (CLEVR) / val2014 (VQA v2) by default.
         #[arg(long)]
         split: Option<String>,
-        /// Paths kept per block; default the run's k.
-        #[arg(long)]
-        k: Option<usize>,
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
+        #[command(flatten)]
+        inference: InferenceArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -142,10 +140,8 @@ enum Command {
         /// Output JSON file: CLEVR [{"image_filename", "question_index", "answer"}], VQA v2 the official [{"question_id", "answer"}].
         #[arg(long)]
         out: std::path::PathBuf,
-        #[arg(long)]
-        k: Option<usize>,
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
+        #[command(flatten)]
+        inference: InferenceArgs,
     },
     /// Answers one question about one image (PNG or JPEG).
     Answer {
@@ -158,8 +154,12 @@ enum Command {
         image: std::path::PathBuf,
         #[arg(long)]
         question: String,
+        /// Paths kept per block; default the run's k.
         #[arg(long)]
         k: Option<usize>,
+        /// How the CNN runs: `fast` (the packed CPU path; default on the CPU) or `burn` (Burn's tensor ops; default on a GPU).
+        #[arg(long)]
+        engine: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -381,11 +381,10 @@ fn cmd_eval(
     run: &std::path::Path,
     data: &std::path::Path,
     split: &str,
-    k: Option<usize>,
-    batch: usize,
+    inf: Inference,
     json: bool,
 ) -> Result<()> {
-    let (cfg, report) = moevqa::train::run::evaluate_run(run, data, split, k, batch, device)?;
+    let (cfg, report) = moevqa::train::run::evaluate_run(run, data, split, inf, device)?;
     let gate = GateSettings::new().with_question_dim(cfg.question_dim);
     let macs = count_macs(
         &CnnLayout::clevr(),
@@ -778,6 +777,45 @@ fn parse_engine(name: &str) -> Result<moevqa::bench::Engine> {
     name.parse().map_err(|e| anyhow::anyhow!("--engine: {e}"))
 }
 
+/// Flags of eval and predict: how a trained run answers.
+#[derive(clap::Args, Debug)]
+struct InferenceArgs {
+    /// Paths kept per block; default the run's k.
+    #[arg(long)]
+    k: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// How the CNN runs: `fast` (the packed CPU path; default on the CPU) or `burn` (Burn's tensor ops; default on a GPU).
+    #[arg(long)]
+    engine: Option<String>,
+}
+
+impl InferenceArgs {
+    fn resolve(self, device: &Device) -> Result<Inference> {
+        if self.batch == 0 {
+            bail!("--batch: expected at least 1");
+        }
+        let engine = match self.engine.as_deref() {
+            Some(name) => parse_engine(name)?,
+            None => moevqa::kernels::Engine::for_device(device),
+        };
+        Ok(Inference {
+            k: self.k,
+            batch: self.batch,
+            engine,
+        })
+    }
+}
+
+/// The demo's evaluation at `k`: the default engine of the device.
+fn demo_inference(k: usize, batch: usize, device: &Device) -> Inference {
+    Inference {
+        k: Some(k),
+        batch,
+        engine: moevqa::kernels::Engine::for_device(device),
+    }
+}
+
 #[allow(clippy::too_many_arguments)] // one parameter per flag
 fn cmd_bench_cnn(
     device: &Device,
@@ -1079,8 +1117,13 @@ fn cmd_demo(
         };
         moevqa::train::run::train(&cfg, &run, false, device, &mut new_progress())?;
         let t0 = std::time::Instant::now();
-        let (_, report) =
-            moevqa::train::run::evaluate_run(&run, &data, "val", Some(k), 64, device)?;
+        let (_, report) = moevqa::train::run::evaluate_run(
+            &run,
+            &data,
+            "val",
+            demo_inference(k, 64, device),
+            device,
+        )?;
         let seconds = t0.elapsed().as_secs_f64();
         let gate = GateSettings::new().with_question_dim(cfg.question_dim);
         let macs = count_macs(&CnnLayout::clevr(), (64, 64), Some(k), &gate)?;
@@ -1153,10 +1196,9 @@ fn cmd_predict(
     data: &std::path::Path,
     split: &str,
     out: &std::path::Path,
-    k: Option<usize>,
-    batch: usize,
+    inf: Inference,
 ) -> Result<()> {
-    let preds = moevqa::train::run::predict_run(run, data, split, k, batch, device)?;
+    let preds = moevqa::train::run::predict_run(run, data, split, inf, device)?;
     moevqa::data::clevr_format::write_json_atomic(out, &preds)?;
     println!("wrote {} predictions to {}", preds.len(), out.display());
     Ok(())
@@ -1167,10 +1209,10 @@ fn cmd_answer(
     run: &std::path::Path,
     image: &std::path::Path,
     question: &str,
-    k: Option<usize>,
+    inf: Inference,
     json: bool,
 ) -> Result<()> {
-    let a = moevqa::train::run::answer_one(run, image, question, k, device)?;
+    let a = moevqa::train::run::answer_one(run, image, question, inf, device)?;
     if json {
         println!("{}", serde_json::to_string(&a)?);
         return Ok(());
@@ -1252,16 +1294,16 @@ fn run(cli: Cli) -> Result<()> {
             dataset,
             split,
             out,
-            k,
-            batch,
+            inference,
         } => {
             let device = pick_device(&cli.device)?;
+            let inf = inference.resolve(&device)?;
             if run_kind(&run, dataset.as_deref())? == "vqa2" {
                 let split = split.unwrap_or_else(|| "test2015".into());
-                vqa_cli::cmd_predict_vqa(&device, &run, &data, &split, &out, k, batch)
+                vqa_cli::cmd_predict_vqa(&device, &run, &data, &split, &out, inf)
             } else {
                 let split = split.unwrap_or_else(|| "test".into());
-                cmd_predict(&device, &run, &data, &split, &out, k, batch)
+                cmd_predict(&device, &run, &data, &split, &out, inf)
             }
         }
         Command::Answer {
@@ -1270,13 +1312,20 @@ fn run(cli: Cli) -> Result<()> {
             image,
             question,
             k,
+            engine,
             json,
         } => {
             let device = pick_device(&cli.device)?;
+            let inf = InferenceArgs {
+                k,
+                batch: 1,
+                engine,
+            }
+            .resolve(&device)?;
             if run_kind(&run, dataset.as_deref())? == "vqa2" {
-                vqa_cli::cmd_answer_vqa(&device, &run, &image, &question, k, json)
+                vqa_cli::cmd_answer_vqa(&device, &run, &image, &question, inf, json)
             } else {
-                cmd_answer(&device, &run, &image, &question, k, json)
+                cmd_answer(&device, &run, &image, &question, inf, json)
             }
         }
         Command::Eval {
@@ -1284,17 +1333,17 @@ fn run(cli: Cli) -> Result<()> {
             data,
             dataset,
             split,
-            k,
-            batch,
+            inference,
             json,
         } => {
             let device = pick_device(&cli.device)?;
+            let inf = inference.resolve(&device)?;
             if run_kind(&run, dataset.as_deref())? == "vqa2" {
                 let split = split.unwrap_or_else(|| "val2014".into());
-                vqa_cli::cmd_eval_vqa(&device, &run, &data, &split, k, batch, json)
+                vqa_cli::cmd_eval_vqa(&device, &run, &data, &split, inf, json)
             } else {
                 let split = split.unwrap_or_else(|| "val".into());
-                cmd_eval(&device, &run, &data, &split, k, batch, json)
+                cmd_eval(&device, &run, &data, &split, inf, json)
             }
         }
         Command::Flops {

@@ -8,6 +8,8 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use moevqa::cnn::{CnnLayout, GateSettings, ModularResNeXtConfig};
 use moevqa::flops::count_macs;
+use moevqa::kernels::Engine;
+use moevqa::train::Inference;
 use moevqa::train::run::Progress;
 use moevqa::train::vqa::{VqaEvalReport, VqaResult, VqaRunConfig};
 use serde::Serialize;
@@ -248,11 +250,10 @@ pub fn cmd_eval_vqa(
     run: &Path,
     data: &Path,
     split: &str,
-    k: Option<usize>,
-    batch: usize,
+    inf: Inference,
     json: bool,
 ) -> Result<()> {
-    let (cfg, r) = moevqa::train::vqa::evaluate_vqa_run(run, data, split, k, batch, device)?;
+    let (cfg, r) = moevqa::train::vqa::evaluate_vqa_run(run, data, split, inf, device)?;
     let macs = vqa_macs(&cfg, r.k, cfg.image_size)?;
     let macs224 = vqa_macs(&cfg, r.k, 224)?;
     if json {
@@ -299,10 +300,9 @@ pub fn cmd_predict_vqa(
     data: &Path,
     split: &str,
     out: &Path,
-    k: Option<usize>,
-    batch: usize,
+    inf: Inference,
 ) -> Result<()> {
-    let (_, r) = moevqa::train::vqa::evaluate_vqa_run(run, data, split, k, batch, device)?;
+    let (_, r) = moevqa::train::vqa::evaluate_vqa_run(run, data, split, inf, device)?;
     let results: Vec<VqaResult> = r
         .predictions
         .iter()
@@ -326,10 +326,10 @@ pub fn cmd_answer_vqa(
     run: &Path,
     image: &Path,
     question: &str,
-    k: Option<usize>,
+    inf: Inference,
     json: bool,
 ) -> Result<()> {
-    let a = moevqa::train::vqa::answer_vqa(run, image, question, k, device)?;
+    let a = moevqa::train::vqa::answer_vqa(run, image, question, inf, device)?;
     if json {
         println!("{}", serde_json::to_string(&a)?);
         return Ok(());
@@ -404,6 +404,11 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
         summary.val_questions
     );
     let mut rows = Vec::new();
+    let inf = |k| Inference {
+        k: Some(k),
+        batch: 32,
+        engine: Engine::for_device(device),
+    };
     for &k in &f.ks {
         let run = root.join(format!("run-k{k}"));
         if run.exists() {
@@ -436,8 +441,7 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
         let cfg = flags.config()?;
         moevqa::train::vqa::train_vqa(&cfg, &run, false, device, progress)?;
         let t0 = std::time::Instant::now();
-        let (_, r) =
-            moevqa::train::vqa::evaluate_vqa_run(&run, &data, "val2014", Some(k), 32, device)?;
+        let (_, r) = moevqa::train::vqa::evaluate_vqa_run(&run, &data, "val2014", inf(k), device)?;
         let seconds = t0.elapsed().as_secs_f64();
         let s = r.score.context("the generated val split has annotations")?;
         rows.push(VqaDemoRow {

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{metric_lines, moevqa, ok};
+use common::{assert_one_line_error, metric_lines, moevqa, ok};
 
 #[test]
 fn generate_train_eval_predict_answer_resume() {
@@ -85,6 +85,19 @@ fn generate_train_eval_predict_answer_resume() {
             .as_object()
             .unwrap()
             .contains_key("query_shape")
+    );
+    // The default engine on the CPU is the fast path; Burn's own ops give
+    // the same answers and experts.
+    let burn = ok(moevqa(&[
+        "eval", "--run", r, "--data", d, "--k", "3", "--json", "--engine", "burn",
+    ]));
+    let b: serde_json::Value = serde_json::from_slice(&burn.stdout).unwrap();
+    for key in ["accuracy", "by_family", "expert_usage"] {
+        assert_eq!(b[key], v[key], "{key}");
+    }
+    assert_one_line_error(
+        &moevqa(&["eval", "--run", r, "--data", d, "--engine", "gpu"]),
+        "--engine",
     );
 
     // No silent overwrite; a resume extends the run.

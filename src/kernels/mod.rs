@@ -52,5 +52,103 @@ mod gate;
 mod matmul;
 mod stem;
 
+use std::str::FromStr;
+
+use burn::tensor::{Device, Tensor};
+use serde::Serialize;
+
+use crate::cnn::{CnnOutput, Execution, ModularResNeXt};
+use crate::error::{MoeError, Result};
+
 pub use block::{BlockProfile, PackedBottleneck};
 pub use cnn::PackedResNeXt;
+
+/// Which implementation runs an eval-mode CNN (and which one a benchmark
+/// times).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Plain Burn tensor ops on the given device.
+    Burn,
+    /// The eval-mode CPU path of [`crate::kernels`].
+    Fast,
+}
+
+impl Engine {
+    /// The engine for inference on `device`: the fast path on the CPU
+    /// (Flex) device, Burn's own ops on any other.
+    pub fn for_device(device: &Device) -> Engine {
+        #[cfg(feature = "flex")]
+        if *device == Device::flex() {
+            return Engine::Fast;
+        }
+        let _ = device;
+        Engine::Burn
+    }
+
+    /// Its name on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Burn => "burn",
+            Engine::Fast => "fast",
+        }
+    }
+}
+
+impl FromStr for Engine {
+    type Err = MoeError;
+    fn from_str(s: &str) -> Result<Engine> {
+        match s {
+            "burn" => Ok(Engine::Burn),
+            "fast" => Ok(Engine::Fast),
+            other => Err(MoeError::Unknown {
+                kind: "engine",
+                name: other.into(),
+                expected: "burn, fast".into(),
+            }),
+        }
+    }
+}
+
+/// A model's CNN ready for sparse inference with the chosen engine: the
+/// Burn module itself, or its packed copy (packed once, reused per batch).
+#[derive(Debug, Clone)]
+pub enum EvalCnn<'a> {
+    /// Plain Burn ops on the model's device.
+    Burn(&'a ModularResNeXt),
+    /// The packed CPU path; its output tensors are on the images' device.
+    Fast(Box<PackedResNeXt>),
+}
+
+impl<'a> EvalCnn<'a> {
+    /// Prepares `cnn` (in eval mode: pass the `valid()` model's CNN) for
+    /// `engine`.
+    pub fn new(cnn: &'a ModularResNeXt, engine: Engine) -> Result<EvalCnn<'a>> {
+        Ok(match engine {
+            Engine::Burn => EvalCnn::Burn(cnn),
+            Engine::Fast => EvalCnn::Fast(Box::new(PackedResNeXt::from_cnn(cnn)?)),
+        })
+    }
+
+    /// The engine it runs on.
+    pub fn engine(&self) -> Engine {
+        match self {
+            EvalCnn::Burn(_) => Engine::Burn,
+            EvalCnn::Fast(_) => Engine::Fast,
+        }
+    }
+
+    /// Sparse forward at `k`, as [`ModularResNeXt::forward_k`] with
+    /// [`Execution::Sparse`].
+    pub fn forward_k(
+        &self,
+        images: Tensor<4>,
+        question: Option<Tensor<2>>,
+        k: usize,
+    ) -> Result<CnnOutput> {
+        match self {
+            EvalCnn::Burn(cnn) => cnn.forward_k(images, question, k, Execution::Sparse),
+            EvalCnn::Fast(packed) => packed.forward_k(images, question, k, Execution::Sparse),
+        }
+    }
+}

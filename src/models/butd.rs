@@ -24,7 +24,8 @@ use burn::nn::{
 use burn::tensor::activation::{relu, sigmoid, softmax, tanh};
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::cnn::{CnnLayout, Execution, ModularResNeXt};
+use super::GatedVqaModel;
+use crate::cnn::{CnnLayout, CnnOutput, ModularResNeXt};
 use crate::error::{MoeError, Result as MoeResult};
 use crate::moe::Gates;
 
@@ -158,17 +159,6 @@ pub fn soft_bce(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
 }
 
 impl Butd {
-    /// Question vectors [N, Q]: GRU state at each question's last word.
-    /// `tokens` is [N, T] (padded with 0), `lengths[n]` in 1..=T.
-    pub fn encode_question(
-        &self,
-        tokens: Tensor<2, Int>,
-        lengths: &[usize],
-    ) -> MoeResult<Tensor<2>> {
-        let out = self.gru.forward(self.embed.forward(tokens), None); // [N, T, Q]
-        super::last_step(out, lengths)
-    }
-
     /// Top-down attention over `regions` [N, R, C] guided by `q` [N, Q]:
     /// returns (attended [N, C], weights [N, R]).
     pub fn attend(&self, regions: Tensor<3>, q: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
@@ -188,18 +178,21 @@ impl Butd {
             .reshape([n, c]);
         (attended, weights)
     }
+}
 
-    /// Answer logits for images [N, 3, H, W] and questions.
-    pub fn forward(
-        &self,
-        images: Tensor<4>,
-        tokens: Tensor<2, Int>,
-        lengths: &[usize],
-        k: usize,
-        exec: Execution,
-    ) -> MoeResult<ButdOutput> {
-        let q = self.encode_question(tokens, lengths)?;
-        let cnn = self.cnn.forward_k(images, Some(q.clone()), k, exec)?;
+impl GatedVqaModel for Butd {
+    type Output = ButdOutput;
+
+    fn encode_question(&self, tokens: Tensor<2, Int>, lengths: &[usize]) -> MoeResult<Tensor<2>> {
+        let out = self.gru.forward(self.embed.forward(tokens), None); // [N, T, Q]
+        super::last_step(out, lengths)
+    }
+
+    fn cnn(&self) -> &ModularResNeXt {
+        &self.cnn
+    }
+
+    fn answer_from(&self, cnn: CnnOutput, q: Tensor<2>) -> MoeResult<ButdOutput> {
         let [n, c, h, w] = cnn.features.dims();
         let expected = self.att_v.weight.dims()[0];
         if c != expected {
@@ -233,6 +226,8 @@ impl Butd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cnn::Execution;
+    use crate::kernels::{Engine, EvalCnn};
     use burn::tensor::{Distribution, TensorData};
 
     fn small(device: &Device) -> Butd {
@@ -320,7 +315,7 @@ mod tests {
     }
 
     #[test]
-    fn sparse_inference_equals_dense_inference() {
+    fn sparse_and_fast_inference_equal_dense_inference() {
         let device = Device::default();
         let net = small(&device).valid();
         let img = Tensor::<4>::random([2, 3, 64, 64], Distribution::Normal(0.0, 1.0), &device);
@@ -332,12 +327,18 @@ mod tests {
             let s = net
                 .forward(img.clone(), t.clone(), &len, k, Execution::Sparse)
                 .unwrap();
-            let diff = (d.logits.clone() - s.logits)
-                .abs()
-                .max()
-                .into_scalar::<f32>();
-            let scale = d.logits.abs().max().into_scalar::<f32>().max(1e-6);
-            assert!(diff <= 1e-4 * scale, "k = {k}: {diff} vs {scale}");
+            let fast = EvalCnn::new(&net.cnn, Engine::Fast).unwrap();
+            let f = net
+                .forward_eval(img.clone(), t.clone(), &len, k, &fast)
+                .unwrap();
+            let scale = d.logits.clone().abs().max().into_scalar::<f32>().max(1e-6);
+            for (name, other) in [("sparse", s.logits), ("fast", f.logits)] {
+                let diff = (d.logits.clone() - other).abs().max().into_scalar::<f32>();
+                assert!(diff <= 1e-4 * scale, "{name} k = {k}: {diff} vs {scale}");
+            }
+            for (a, b) in f.gates.iter().zip(&s.gates) {
+                assert_eq!(a.indices, b.indices, "fast k = {k}");
+            }
         }
     }
 }

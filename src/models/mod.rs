@@ -9,7 +9,59 @@ pub use relation_network::{RelationNetwork, RelationNetworkConfig, RnOutput};
 
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::cnn::{CnnOutput, Execution, ModularResNeXt};
 use crate::error::{MoeError, Result as MoeResult};
+use crate::kernels::EvalCnn;
+
+/// A VQA model whose modular CNN is gated by the question vector (section
+/// 3.1): a question encoder, the CNN, and what follows the CNN. Training
+/// and the Burn reference use [`GatedVqaModel::forward`]; inference with a
+/// chosen engine uses [`GatedVqaModel::forward_eval`].
+pub trait GatedVqaModel {
+    /// Logits plus what the model reports (gates, attention).
+    type Output;
+
+    /// Question vectors [N, B] from `tokens` [N, T] (padded with 0),
+    /// `lengths[n]` in 1..=T.
+    fn encode_question(&self, tokens: Tensor<2, Int>, lengths: &[usize]) -> MoeResult<Tensor<2>>;
+
+    /// The question-gated CNN.
+    fn cnn(&self) -> &ModularResNeXt;
+
+    /// Everything after the CNN, from its output and the question vectors.
+    fn answer_from(&self, cnn: CnnOutput, question: Tensor<2>) -> MoeResult<Self::Output>;
+
+    /// Output for images [N, 3, H, W] and questions at `k`, the CNN run by
+    /// Burn (`exec`: sparse, or dense with the unselected gates zeroed).
+    fn forward(
+        &self,
+        images: Tensor<4>,
+        tokens: Tensor<2, Int>,
+        lengths: &[usize],
+        k: usize,
+        exec: Execution,
+    ) -> MoeResult<Self::Output> {
+        let q = self.encode_question(tokens, lengths)?;
+        let features = self.cnn().forward_k(images, Some(q.clone()), k, exec)?;
+        self.answer_from(features, q)
+    }
+
+    /// Sparse inference at `k` with the CNN run by `cnn` (built from this
+    /// model's CNN in eval mode): the result of `forward(.., Sparse)` within
+    /// float rounding when `cnn` is the fast path.
+    fn forward_eval(
+        &self,
+        images: Tensor<4>,
+        tokens: Tensor<2, Int>,
+        lengths: &[usize],
+        k: usize,
+        cnn: &EvalCnn,
+    ) -> MoeResult<Self::Output> {
+        let q = self.encode_question(tokens, lengths)?;
+        let features = cnn.forward_k(images, Some(q.clone()), k)?;
+        self.answer_from(features, q)
+    }
+}
 
 /// The output of a recurrent encoder at each sequence's last real step:
 /// `out` is [N, T, H], `lengths[n]` in 1..=T; returns [N, H].

@@ -20,7 +20,8 @@ use burn::nn::{
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::cnn::{CnnLayout, Execution, ModularResNeXt};
+use super::GatedVqaModel;
+use crate::cnn::{CnnLayout, CnnOutput, ModularResNeXt};
 use crate::error::{MoeError, Result as MoeResult};
 use crate::moe::Gates;
 
@@ -144,17 +145,6 @@ pub fn cell_coordinates(h: usize, w: usize, device: &Device) -> Tensor<2> {
 }
 
 impl RelationNetwork {
-    /// Question vectors [N, B]: LSTM state at each question's last word.
-    /// `tokens` is [N, T] (padded with 0), `lengths[n]` in 1..=T.
-    pub fn encode_question(
-        &self,
-        tokens: Tensor<2, Int>,
-        lengths: &[usize],
-    ) -> MoeResult<Tensor<2>> {
-        let (out, _) = self.lstm.forward(self.embed.forward(tokens), None); // [N, T, B]
-        super::last_step(out, lengths)
-    }
-
     /// g summed over all ordered object pairs, [N, g_dim].
     pub fn relate(&self, objects: Tensor<3>, question: Tensor<2>) -> Tensor<2> {
         let [n, d, _] = objects.dims();
@@ -170,18 +160,21 @@ impl RelationNetwork {
         }
         h.reshape([n, d * d, g]).sum_dim(1).reshape([n, g])
     }
+}
 
-    /// Answer logits for images [N, 3, H, W] and questions.
-    pub fn forward(
-        &self,
-        images: Tensor<4>,
-        tokens: Tensor<2, Int>,
-        lengths: &[usize],
-        k: usize,
-        exec: Execution,
-    ) -> MoeResult<RnOutput> {
-        let q = self.encode_question(tokens, lengths)?;
-        let cnn = self.cnn.forward_k(images, Some(q.clone()), k, exec)?;
+impl GatedVqaModel for RelationNetwork {
+    type Output = RnOutput;
+
+    fn encode_question(&self, tokens: Tensor<2, Int>, lengths: &[usize]) -> MoeResult<Tensor<2>> {
+        let (out, _) = self.lstm.forward(self.embed.forward(tokens), None); // [N, T, B]
+        super::last_step(out, lengths)
+    }
+
+    fn cnn(&self) -> &ModularResNeXt {
+        &self.cnn
+    }
+
+    fn answer_from(&self, cnn: CnnOutput, q: Tensor<2>) -> MoeResult<RnOutput> {
         let [n, c, h, w] = cnn.features.dims();
         let device = cnn.features.device();
         let cells = cnn.features.reshape([n, c, h * w]).swap_dims(1, 2); // [N, D, C]
@@ -211,6 +204,8 @@ impl RelationNetwork {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cnn::Execution;
+    use crate::kernels::{Engine, EvalCnn};
     use burn::tensor::Distribution;
 
     fn small(device: &Device) -> RelationNetwork {
@@ -297,6 +292,35 @@ mod tests {
             assert!(g.abs().sum().into_scalar::<f32>() > 0.0);
         }
         assert!(net.embed.weight.grad(&grads).is_some());
+    }
+
+    #[test]
+    fn fast_engine_answers_as_the_burn_reference() {
+        let device = Device::default();
+        let net = small(&device);
+        let (t, len) = tokens(&device);
+        for (size, k) in [(128, 12), (128, 6), (75, 3), (64, 1)] {
+            let img =
+                Tensor::<4>::random([2, 3, size, size], Distribution::Uniform(0.0, 1.0), &device);
+            let reference = net
+                .forward(img.clone(), t.clone(), &len, k, Execution::Sparse)
+                .unwrap();
+            for engine in [Engine::Burn, Engine::Fast] {
+                let cnn = EvalCnn::new(&net.cnn, engine).unwrap();
+                let out = net
+                    .forward_eval(img.clone(), t.clone(), &len, k, &cnn)
+                    .unwrap();
+                let diff = (out.logits - reference.logits.clone())
+                    .abs()
+                    .max()
+                    .into_scalar::<f32>();
+                let scale = reference.logits.clone().abs().max().into_scalar::<f32>();
+                assert!(diff <= 1e-4 * scale.max(1e-6), "{engine:?} k {k}: {diff}");
+                for (a, b) in out.gates.iter().zip(&reference.gates) {
+                    assert_eq!(a.indices, b.indices, "{engine:?} k {k}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cnn::Execution;
 use crate::data::clevr_reader::{ClevrSplit, load_images};
-use crate::models::{RelationNetwork, RelationNetworkConfig};
+use crate::kernels::{Engine, EvalCnn};
+use crate::models::{GatedVqaModel, RelationNetwork, RelationNetworkConfig};
 use crate::moe::BalanceLossConfig;
 use crate::text::{PAD, Vocab};
 use crate::train::TrainError;
@@ -139,15 +140,18 @@ pub struct EvalReport {
     pub predictions: Vec<usize>,
 }
 
-/// Evaluates `model` (eval mode: give it `model.valid()`) sparse at `k`.
+/// Evaluates `model` (eval mode: give it `model.valid()`) sparse at `k`,
+/// its CNN run by `engine`.
 pub fn evaluate(
     model: &RelationNetwork,
     items: &[Encoded],
     k: usize,
+    engine: Engine,
     batch: usize,
     image_size: u32,
     device: &Device,
 ) -> Result<EvalReport, TrainError> {
+    let cnn = EvalCnn::new(&model.cnn, engine)?;
     let mut right = 0usize;
     let mut fam: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut usage: Vec<Vec<u64>> = Vec::new();
@@ -155,7 +159,7 @@ pub fn evaluate(
     for chunk in items.chunks(batch.max(1)) {
         let refs: Vec<&Encoded> = chunk.iter().collect();
         let b = make_batch(&refs, image_size, device)?;
-        let out = model.forward(b.images, b.tokens, &b.lengths, k, Execution::Sparse)?;
+        let out = model.forward_eval(b.images, b.tokens, &b.lengths, k, &cnn)?;
         if usage.is_empty() {
             usage = out
                 .gates
@@ -398,7 +402,11 @@ mod tests {
         assert!(losses[2] < losses[0], "loss did not fall: {losses:?}");
         let eval = model.valid();
         for k in [12, 6, 3] {
-            let r = evaluate(&eval, &val_items, k, 16, 64, &base).unwrap();
+            let r = evaluate(&eval, &val_items, k, Engine::Burn, 16, 64, &base).unwrap();
+            // The fast CPU path gives the same answers and the same experts.
+            let fast = evaluate(&eval, &val_items, k, Engine::Fast, 16, 64, &base).unwrap();
+            assert_eq!(fast.predictions, r.predictions, "k {k}");
+            assert_eq!(fast.expert_usage, r.expert_usage, "k {k}");
             assert_eq!(r.questions, 80);
             assert_eq!(r.expert_usage.len(), 3);
             assert!(

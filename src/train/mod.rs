@@ -9,6 +9,27 @@ use thiserror::Error;
 
 use crate::data::DataError;
 use crate::error::MoeError;
+use crate::kernels::Engine;
+
+/// How a trained run answers (eval, predict, answer): sparse at `k`
+/// (`None`: the run's own k), in batches of `batch`, its CNN run by `engine`.
+#[derive(Debug, Clone, Copy)]
+pub struct Inference {
+    pub k: Option<usize>,
+    pub batch: usize,
+    pub engine: Engine,
+}
+
+impl Default for Inference {
+    /// The run's k, batches of 64, the fast CPU path.
+    fn default() -> Self {
+        Inference {
+            k: None,
+            batch: 64,
+            engine: Engine::Fast,
+        }
+    }
+}
 
 /// Errors of training and evaluation; each message is one line.
 #[derive(Debug, Error)]

@@ -10,18 +10,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cnn::Execution;
 use crate::data::clevr_format::write_json_atomic;
 use crate::data::clevr_reader::ClevrSplit;
-use crate::models::RelationNetwork;
+use crate::kernels::{Engine, EvalCnn};
 use crate::models::RelationNetworkConfig;
+use crate::models::{GatedVqaModel, RelationNetwork};
 use crate::moe::BalanceLossConfig;
-use crate::train::TrainError;
 use crate::train::checkpoint::{TrainState, has_checkpoint, load_checkpoint, save_checkpoint};
 use crate::train::clevr::{
     Encoded, EpochSettings, EvalReport, RunVocab, adam, build_model, encode_split, evaluate,
     make_batch, train_epoch,
 };
+use crate::train::{Inference, TrainError};
 use burn::module::Module;
 use burn::tensor::Device;
 
@@ -233,6 +233,7 @@ pub fn train(
                 &model.valid(),
                 v,
                 cfg.k,
+                Engine::for_device(device),
                 cfg.batch,
                 cfg.image_size,
                 device,
@@ -403,33 +404,40 @@ pub fn load_run(run: &Path, device: &Device) -> Result<LoadedRun, TrainError> {
     })
 }
 
-/// Runs a trained run over `split` of `data`, sparse at `k` (default the run's).
+/// Runs a trained run over `split` of `data`, sparse at `inf.k` (default the
+/// run's).
 fn run_over_split(
     run: &Path,
     data: &Path,
     split: &str,
-    k: Option<usize>,
-    batch: usize,
+    inf: Inference,
     device: &Device,
 ) -> Result<(LoadedRun, ClevrSplit, EvalReport), TrainError> {
     let r = load_run(run, device)?;
     let ds = ClevrSplit::open(data, split)?;
     let items = encode_split(&ds, &r.vocab.words, &r.vocab.answers)?;
-    let k = k.unwrap_or(r.config.k);
-    let report = evaluate(&r.model, &items, k, batch, r.config.image_size, device)?;
+    let k = inf.k.unwrap_or(r.config.k);
+    let report = evaluate(
+        &r.model,
+        &items,
+        k,
+        inf.engine,
+        inf.batch,
+        r.config.image_size,
+        device,
+    )?;
     Ok((r, ds, report))
 }
 
-/// Evaluates a run on `split` of `data`, sparse at `k` (default the run's).
+/// Evaluates a run on `split` of `data`, sparse at `inf.k` (default the run's).
 pub fn evaluate_run(
     run: &Path,
     data: &Path,
     split: &str,
-    k: Option<usize>,
-    batch: usize,
+    inf: Inference,
     device: &Device,
 ) -> Result<(RunConfig, EvalReport), TrainError> {
-    let (r, _, report) = run_over_split(run, data, split, k, batch, device)?;
+    let (r, _, report) = run_over_split(run, data, split, inf, device)?;
     Ok((r.config, report))
 }
 
@@ -446,11 +454,10 @@ pub fn predict_run(
     run: &Path,
     data: &Path,
     split: &str,
-    k: Option<usize>,
-    batch: usize,
+    inf: Inference,
     device: &Device,
 ) -> Result<Vec<Prediction>, TrainError> {
-    let (r, ds, report) = run_over_split(run, data, split, k, batch, device)?;
+    let (r, ds, report) = run_over_split(run, data, split, inf, device)?;
     Ok(ds
         .questions
         .iter()
@@ -479,7 +486,7 @@ pub fn answer_one(
     run: &Path,
     image: &Path,
     question: &str,
-    k: Option<usize>,
+    inf: Inference,
     device: &Device,
 ) -> Result<SingleAnswer, TrainError> {
     let r = load_run(run, device)?;
@@ -496,10 +503,11 @@ pub fn answer_one(
         family: String::new(),
     };
     let b = make_batch(&[&item], r.config.image_size, device)?;
-    let k = k.unwrap_or(r.config.k);
+    let k = inf.k.unwrap_or(r.config.k);
+    let cnn = EvalCnn::new(&r.model.cnn, inf.engine)?;
     let out = r
         .model
-        .forward(b.images, b.tokens, &b.lengths, k, Execution::Sparse)?;
+        .forward_eval(b.images, b.tokens, &b.lengths, k, &cnn)?;
     let probs = burn::tensor::activation::softmax(out.logits, 1)
         .into_data()
         .convert::<f32>()

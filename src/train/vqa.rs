@@ -25,16 +25,18 @@ use crate::cnn::{CnnLayout, Execution};
 use crate::data::clevr_format::write_json_atomic;
 use crate::data::clevr_reader::load_images;
 use crate::data::vqa2::{AnswerCounting, AnswerVocab, Vqa2Split, annotation_file};
+use crate::kernels::{Engine, EvalCnn};
 use crate::metrics::vqa::{VqaScore, read_annotations, score};
+use crate::models::GatedVqaModel;
 use crate::models::butd::{Butd, ButdConfig, soft_bce};
 use crate::moe::BalanceLossConfig;
 use crate::text::{PAD, Vocab};
-use crate::train::TrainError;
 use crate::train::checkpoint::{has_checkpoint, load_checkpoint};
 use crate::train::clevr::{adam, argmax_rows};
 use crate::train::run::{
     EpochSummary, Progress, RunPaths, epoch_seed, io_err, open_run_dir, record_epoch, resume_from,
 };
+use crate::train::{Inference, TrainError};
 
 /// ImageNet channel means and standard deviations (RGB).
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -226,6 +228,7 @@ pub struct EvalSettings {
     pub k: usize,
     pub batch: usize,
     pub image_size: u32,
+    pub engine: Engine,
 }
 
 /// Runs `model` (eval mode) sparse over `items`; scores against the
@@ -242,7 +245,9 @@ pub fn evaluate_vqa(
         k,
         batch,
         image_size,
+        engine,
     } = s;
+    let cnn = EvalCnn::new(&model.cnn, engine)?;
     let blocks = model.cnn.blocks.len();
     let paths = model.cnn.blocks.first().map_or(0, |b| b.paths());
     let mut usage = vec![vec![0u64; paths]; blocks];
@@ -251,7 +256,7 @@ pub fn evaluate_vqa(
     for chunk in items.chunks(batch.max(1)) {
         let refs: Vec<&VqaItem> = chunk.iter().collect();
         let b = make_vqa_batch(&refs, answers.len().max(1), image_size, device)?;
-        let out = model.forward(b.images, b.tokens, &b.lengths, k, Execution::Sparse)?;
+        let out = model.forward_eval(b.images, b.tokens, &b.lengths, k, &cnn)?;
         let best = argmax_rows(out.logits)?;
         for (item, &a) in chunk.iter().zip(&best) {
             predictions.push((item.question_id, answers.answer(a).to_string()));
@@ -483,6 +488,7 @@ pub fn train_vqa(
                     k: cfg.k,
                     batch: cfg.batch,
                     image_size: cfg.image_size,
+                    engine: Engine::for_device(device),
                 },
                 val_annotations.as_deref(),
                 device,
@@ -569,23 +575,22 @@ pub fn evaluate_vqa_run(
     run: &Path,
     data: &Path,
     split: &str,
-    k: Option<usize>,
-    batch: usize,
+    inf: Inference,
     device: &Device,
 ) -> Result<(VqaRunConfig, VqaEvalReport), TrainError> {
     let r = load_vqa_run(run, device)?;
     let ds = Vqa2Split::open(data, split)?;
     let items = encode_vqa_split(&ds, &r.words, &r.answers);
     let ann = ds.has_annotations().then(|| annotation_file(data, split));
-    let k = k.unwrap_or(r.config.k);
     let report = evaluate_vqa(
         &r.model,
         &items,
         &r.answers,
         EvalSettings {
-            k,
-            batch,
+            k: inf.k.unwrap_or(r.config.k),
+            batch: inf.batch,
             image_size: r.config.image_size,
+            engine: inf.engine,
         },
         ann.as_deref(),
         device,
@@ -616,7 +621,7 @@ pub fn answer_vqa(
     run: &Path,
     image: &Path,
     question: &str,
-    k: Option<usize>,
+    inf: Inference,
     device: &Device,
 ) -> Result<VqaSingleAnswer, TrainError> {
     let r = load_vqa_run(run, device)?;
@@ -639,10 +644,11 @@ pub fn answer_vqa(
         r.config.image_size,
         device,
     )?;
-    let k = k.unwrap_or(r.config.k);
+    let k = inf.k.unwrap_or(r.config.k);
+    let cnn = EvalCnn::new(&r.model.cnn, inf.engine)?;
     let out = r
         .model
-        .forward(b.images, b.tokens, &b.lengths, k, Execution::Sparse)?;
+        .forward_eval(b.images, b.tokens, &b.lengths, k, &cnn)?;
     let best = argmax_rows(out.logits.clone())?[0];
     let logit = out
         .logits
