@@ -242,6 +242,8 @@ struct VqaEvalJson<'a> {
     cnn_macs_per_image_at_224: u64,
     expert_usage: &'a [Vec<u64>],
     expert_usage_per_answer_type: &'a std::collections::BTreeMap<String, Vec<Vec<u64>>>,
+    engine: Engine,
+    questions_per_s: f64,
 }
 
 /// `moevqa eval` on a VQA run.
@@ -267,6 +269,8 @@ pub fn cmd_eval_vqa(
             cnn_macs_per_image_at_224: macs224,
             expert_usage: &r.expert_usage,
             expert_usage_per_answer_type: &r.expert_usage_per_answer_type,
+            engine: r.engine,
+            questions_per_s: r.questions_per_s,
         };
         println!("{}", serde_json::to_string(&j)?);
         return Ok(());
@@ -279,8 +283,13 @@ fn print_vqa_eval(split: &str, r: &VqaEvalReport, macs: u64, size: u32) {
     match &r.score {
         Some(s) => {
             println!(
-                "{split}: {} questions, k = {}, VQA accuracy {:.2}%, CNN {:.3e} MACs/image at {size}x{size}",
-                r.questions, r.k, s.overall, macs as f64
+                "{split}: {} questions, k = {}, VQA accuracy {:.2}%, CNN {:.3e} MACs/image at {size}x{size}, {:.1} questions/s ({} engine)",
+                r.questions,
+                r.k,
+                s.overall,
+                macs as f64,
+                r.questions_per_s,
+                r.engine.name()
             );
             for (t, a) in &s.per_answer_type {
                 println!("  {t:<10} {a:6.2}%");
@@ -440,9 +449,7 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
         };
         let cfg = flags.config()?;
         moevqa::train::vqa::train_vqa(&cfg, &run, false, device, progress)?;
-        let t0 = std::time::Instant::now();
         let (_, r) = moevqa::train::vqa::evaluate_vqa_run(&run, &data, "val2014", inf(k), device)?;
-        let seconds = t0.elapsed().as_secs_f64();
         let s = r.score.context("the generated val split has annotations")?;
         rows.push(VqaDemoRow {
             k,
@@ -450,7 +457,7 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
             cnn_macs: vqa_macs(&cfg, k, f.image_size)?,
             accuracy: s.overall,
             per_answer_type: s.per_answer_type,
-            images_per_s: r.questions as f64 / seconds,
+            images_per_s: r.questions_per_s,
         });
     }
     let report = VqaDemoReport {

@@ -95,6 +95,11 @@ fn generate_train_eval_predict_answer_resume() {
     for key in ["accuracy", "by_family", "expert_usage"] {
         assert_eq!(b[key], v[key], "{key}");
     }
+    assert_eq!(
+        (v["engine"].as_str(), b["engine"].as_str()),
+        (Some("fast"), Some("burn"))
+    );
+    assert!(v["questions_per_s"].as_f64().unwrap() > 0.0);
     assert_one_line_error(
         &moevqa(&["eval", "--run", r, "--data", d, "--engine", "gpu"]),
         "--engine",

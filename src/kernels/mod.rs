@@ -55,7 +55,7 @@ mod stem;
 use std::str::FromStr;
 
 use burn::tensor::{Device, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cnn::{CnnOutput, Execution, ModularResNeXt};
 use crate::error::{MoeError, Result};
@@ -65,10 +65,11 @@ pub use cnn::PackedResNeXt;
 
 /// Which implementation runs an eval-mode CNN (and which one a benchmark
 /// times).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// Plain Burn tensor ops on the given device.
+    #[default]
     Burn,
     /// The eval-mode CPU path of [`crate::kernels`].
     Fast,

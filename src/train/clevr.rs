@@ -135,6 +135,12 @@ pub struct EvalReport {
     pub by_family: BTreeMap<String, f64>,
     /// Per block, how many questions chose each expert.
     pub expert_usage: Vec<Vec<u64>>,
+    /// What ran the CNN.
+    #[serde(default)]
+    pub engine: Engine,
+    /// Questions answered per second (images read and decoded, model run).
+    #[serde(default)]
+    pub questions_per_s: f64,
     /// Predicted answer index per question, in order.
     #[serde(skip)]
     pub predictions: Vec<usize>,
@@ -152,6 +158,7 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<EvalReport, TrainError> {
     let cnn = EvalCnn::new(&model.cnn, engine)?;
+    let t0 = Instant::now();
     let mut right = 0usize;
     let mut fam: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut usage: Vec<Vec<u64>> = Vec::new();
@@ -197,6 +204,8 @@ pub fn evaluate(
         accuracy: pct(right, items.len()),
         by_family: fam.into_iter().map(|(k, (r, n))| (k, pct(r, n))).collect(),
         expert_usage: usage,
+        engine,
+        questions_per_s: items.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
         predictions,
     })
 }

@@ -217,6 +217,12 @@ pub struct VqaEvalReport {
     pub expert_usage: Vec<Vec<u64>>,
     /// The same per answer type.
     pub expert_usage_per_answer_type: BTreeMap<String, Vec<Vec<u64>>>,
+    /// What ran the CNN.
+    #[serde(default)]
+    pub engine: Engine,
+    /// Questions answered per second (images read and decoded, model run).
+    #[serde(default)]
+    pub questions_per_s: f64,
     /// (question id, answer) per question, in split order.
     #[serde(skip)]
     pub predictions: Vec<(u64, String)>,
@@ -248,6 +254,7 @@ pub fn evaluate_vqa(
         engine,
     } = s;
     let cnn = EvalCnn::new(&model.cnn, engine)?;
+    let t0 = Instant::now();
     let blocks = model.cnn.blocks.len();
     let paths = model.cnn.blocks.first().map_or(0, |b| b.paths());
     let mut usage = vec![vec![0u64; paths]; blocks];
@@ -273,6 +280,7 @@ pub fn evaluate_vqa(
             }
         }
     }
+    let questions_per_s = items.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     let score = match annotations {
         Some(path) => Some(score_predictions(path, &predictions)?),
         None => None,
@@ -283,6 +291,8 @@ pub fn evaluate_vqa(
         score,
         expert_usage: usage,
         expert_usage_per_answer_type: by_type,
+        engine,
+        questions_per_s,
         predictions,
     })
 }
