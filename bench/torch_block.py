@@ -26,6 +26,16 @@ Not run in CI. Usage (torch installed; 2 threads like the issue's numbers):
   python bench/torch_block.py block --preset ref-256x28 --batch 32 --k 8
   python bench/torch_block.py cnn --model clevr --batch 32 --k 3 --input 128
   python bench/torch_block.py all --threads 2      # the goal-1 table
+  python bench/torch_block.py train --batch 64 --k 12 --input 128
+
+`train` times a training step of the Relation Network as `moevqa bench
+train` does (random data; embedding 32 -> LSTM 128 whose last state feeds
+every gate controller; the gated CLEVR CNN run dense with the unselected
+gates zeroed, BN in training mode; objects = cells + (x, y); g 4 x 256 over
+all ordered pairs with the cheap first layer; f 256 -> 256 -> dropout 0.5
+-> answers; cross-entropy + 0.01 * CV^2 of the gate importances; Adam) and
+prints {"model", "batch", "k", "image_size", "iters", "step_ms",
+"questions_per_s", "engine"}.
 
 Weights are random (BN with random running statistics for blocks): timings
 and the agreement of dense and sparse do not depend on trained values.
@@ -328,9 +338,79 @@ def bench_cnn(model, batch, k, size, iters, warmup):
     )
 
 
+class RelationNetwork(nn.Module):
+    """src/models/relation_network.rs at its defaults."""
+
+    def __init__(self, vocab=80, answers=10, g_dim=256, f_dim=256):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 32)
+        self.lstm = nn.LSTM(32, QUESTION_DIM, batch_first=True)
+        self.cnn = Cnn("clevr", True)
+        obj = LAYOUTS["clevr"]["head"] + 2
+        self.g_i = nn.Linear(obj, g_dim, bias=False)
+        self.g_j = nn.Linear(obj, g_dim, bias=False)
+        self.g_q = nn.Linear(QUESTION_DIM, g_dim)
+        self.g_rest = nn.ModuleList(nn.Linear(g_dim, g_dim) for _ in range(3))
+        self.f1, self.f2 = nn.Linear(g_dim, f_dim), nn.Linear(f_dim, f_dim)
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(f_dim, answers)
+
+    def forward(self, images, tokens, k):
+        q = self.lstm(self.embed(tokens))[0][:, -1]  # every question has full length
+        x = self.cnn.stem(images)
+        x = self.cnn.pool(x)
+        gate_values = []
+        for block, ctrl in zip(self.cnn.blocks, self.cnn.gates):
+            g, sel = ctrl(x, q, k)
+            gate_values.append(g)
+            x = block.dense(x, torch.zeros_like(g).scatter(1, sel, g.gather(1, sel)))
+        x = self.cnn.head(x)
+        n, c, h, w = x.shape
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        coords = torch.stack([xs, ys], -1).reshape(1, h * w, 2).expand(n, -1, -1)
+        objects = torch.cat([x.reshape(n, c, h * w).transpose(1, 2), coords], 2)
+        a, b = self.g_i(objects), self.g_j(objects)
+        hid = F.relu(a[:, :, None] + b[:, None] + self.g_q(q)[:, None, None])
+        hid = hid.reshape(n, -1, hid.shape[-1])
+        for layer in self.g_rest:
+            hid = F.relu(layer(hid))
+        r = hid.sum(1)
+        return self.out(self.drop(F.relu(self.f2(F.relu(self.f1(r)))))), gate_values
+
+
+def bench_train(batch, k, size, iters, warmup):
+    torch.manual_seed(1)
+    model = RelationNetwork().train()
+    for b in model.cnn.blocks:  # random_bn's statistics are for eval benches
+        for m in b.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()
+                m.reset_running_stats()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, size, size)
+    tokens = torch.randint(2, 79, (batch, 10))
+    targets = torch.randint(0, 10, (batch,))
+
+    def step():
+        logits, gates = model(images, tokens, k)
+        loss = F.cross_entropy(logits, targets)
+        for g in gates:
+            imp = g.sum(0)
+            loss = loss + 0.01 * imp.var(unbiased=False) / imp.mean() ** 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step_ms = median_ms(step, iters, warmup)
+    return {
+        "model": "clevr", "batch": batch, "k": k, "image_size": size, "iters": iters,
+        "step_ms": step_ms, "questions_per_s": batch / (step_ms / 1e3), "engine": "torch",
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["block", "blocks", "cnn", "all"])
+    ap.add_argument("what", choices=["block", "blocks", "cnn", "all", "train"])
     ap.add_argument("--preset", default="ref-256x28", choices=sorted(PRESETS))
     ap.add_argument("--model", default="clevr", choices=sorted(LAYOUTS))
     ap.add_argument("--batch", type=int, default=32)
@@ -349,6 +429,8 @@ def main():
     def emit(r):
         print(json.dumps(r), flush=True)
 
+    if a.what == "train":
+        emit(bench_train(a.batch, a.k, a.input or 128, a.iters, a.warmup))
     if a.what == "block":
         emit(bench_block(a.preset, a.batch, a.k, a.iters, a.warmup, a.channels_last))
     if a.what == "cnn":

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""PyTorch counterpart of `moevqa train` on a CLEVR-layout directory.
+
+Trains the same Relation Network as `moevqa train --dataset clevr` (the
+model of bench/torch_block.py's `train` mode: embedding 32 -> LSTM 128 whose
+state at the last word feeds every gate controller, the gated CLEVR CNN of
+Table 4 run dense with the unselected gates zeroed, objects = cells + (x, y),
+g over all ordered pairs with the cheap first layer, f, cross-entropy +
+0.01 * CV^2; Adam; pixels / 255) on the same generated data, and prints one
+JSON line per epoch like a line of moevqa's RUN/metrics.jsonl:
+
+  {"epoch", "train_loss", "train_accuracy", "questions_per_s",
+   "val": {"accuracy", "by_family": {name: percent}}}
+
+It answers one question: does a reference implementation learn faster than
+moevqa on the same data, budget and hyper-parameters? Not run in CI; needs
+torch and pillow. Usage:
+
+  moevqa generate sort-of-clevr --out /tmp/soc1k --train-images 1000 --val-images 100
+  python bench/torch_rn_train.py --data /tmp/soc1k --epochs 4 --image-size 75 \\
+      --g-dim 128 --f-dim 128 --lr 1e-3 --k 12 --threads 2
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_block as tb  # noqa: E402
+
+
+def tokenize(text):
+    """src/text/mod.rs tokenize: lowercase, split on whitespace and ?!.,;:"""
+    return [w for w in re.split(r"[\s?!.,;:]+", text.lower()) if w]
+
+
+def load(data, split, size):
+    path = os.path.join(data, "questions", f"CLEVR_{split}_questions.json")
+    with open(path) as f:
+        qs = json.load(f)["questions"]
+    cache = {}
+    for q in qs:
+        name = q["image_filename"]
+        if name not in cache:
+            img = Image.open(os.path.join(data, "images", split, name)).convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            cache[name] = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return qs, cache
+
+
+class Rn(tb.RelationNetwork):
+    def __init__(self, vocab, answers, g_dim, f_dim):
+        super().__init__(vocab, answers, g_dim, f_dim)
+        for b in self.cnn.blocks:  # random_bn's statistics are for eval benches
+            for m in b.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.reset_parameters()
+                    m.reset_running_stats()
+
+    def forward(self, images, tokens, lengths, k):
+        out = self.lstm(self.embed(tokens))[0]
+        q = out[torch.arange(len(lengths)), lengths - 1]
+        x = self.cnn.pool(self.cnn.stem(images))
+        gates = []
+        for block, ctrl in zip(self.cnn.blocks, self.cnn.gates):
+            g, sel = ctrl(x, q, k)
+            gates.append(g)
+            x = block.dense(x, torch.zeros_like(g).scatter(1, sel, g.gather(1, sel)))
+        x = self.cnn.head(x)
+        n, c, h, w = x.shape
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        coords = torch.stack([xs, ys], -1).reshape(1, h * w, 2).expand(n, -1, -1)
+        objects = torch.cat([x.reshape(n, c, h * w).transpose(1, 2), coords], 2)
+        hid = F.relu(self.g_i(objects)[:, :, None] + self.g_j(objects)[:, None] + self.g_q(q)[:, None, None])
+        hid = hid.reshape(n, -1, hid.shape[-1])
+        for layer in self.g_rest:
+            hid = F.relu(layer(hid))
+        r = hid.sum(1)
+        return self.out(self.drop(F.relu(self.f2(F.relu(self.f1(r)))))), gates
+
+
+def batches(items, batch, images, words, answers, shuffle):
+    order = list(range(len(items)))
+    if shuffle:
+        random.shuffle(order)
+    for i in range(0, len(order), batch):
+        chunk = [items[j] for j in order[i:i + batch]]
+        toks = [[words.get(w, 1) for w in tokenize(q["question"])] or [1] for q in chunk]
+        t = max(len(x) for x in toks)
+        tokens = torch.tensor([x + [0] * (t - len(x)) for x in toks])
+        lengths = torch.tensor([len(x) for x in toks])
+        imgs = torch.stack([images[q["image_filename"]] for q in chunk])
+        target = torch.tensor([answers[q["answer"]] for q in chunk])
+        yield chunk, imgs, tokens, lengths, target
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2.5e-4)
+    ap.add_argument("--k", type=int, default=12)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--g-dim", type=int, default=256)
+    ap.add_argument("--f-dim", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    train, train_img = load(a.data, "train", a.image_size)
+    val, val_img = load(a.data, "val", a.image_size)
+    vocab = sorted({w for q in train for w in tokenize(q["question"])})
+    words = {w: i + 2 for i, w in enumerate(vocab)}  # 0 <pad>, 1 <unk>
+    answers = {x: i for i, x in enumerate(sorted({q["answer"] for q in train}))}
+    model = Rn(len(words) + 2, len(answers), a.g_dim, a.f_dim)
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    for epoch in range(1, a.epochs + 1):
+        model.train()
+        t0, seen, right, loss_sum = time.perf_counter(), 0, 0, 0.0
+        for _, imgs, tokens, lengths, target in batches(train, a.batch, train_img, words, answers, True):
+            logits, gates = model(imgs, tokens, lengths, a.k)
+            loss = F.cross_entropy(logits, target)
+            for g in gates:
+                imp = g.sum(0)
+                loss = loss + 0.01 * imp.var(unbiased=False) / (imp.mean() ** 2 + 1e-10)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(target)
+            right += (logits.argmax(1) == target).sum().item()
+            loss_sum += loss.item() * len(target)
+        secs = time.perf_counter() - t0
+        model.eval()
+        fam = {}
+        with torch.no_grad():
+            for chunk, imgs, tokens, lengths, target in batches(val, 256, val_img, words, answers, False):
+                pred = model(imgs, tokens, lengths, a.k)[0].argmax(1)
+                for q, ok in zip(chunk, (pred == target).tolist()):
+                    f = fam.setdefault(q["program"][-1]["function"], [0, 0])
+                    f[0] += ok
+                    f[1] += 1
+        total = sum(f[1] for f in fam.values())
+        print(json.dumps({
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_accuracy": 100.0 * right / seen,
+            "questions_per_s": seen / secs,
+            "val": {
+                "accuracy": 100.0 * sum(f[0] for f in fam.values()) / total,
+                "by_family": {k: 100.0 * f[0] / f[1] for k, f in sorted(fam.items())},
+            },
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
