@@ -2,9 +2,12 @@
 # Reproduces the README's training results (CPU, about 75 minutes on 2 cores):
 # the demo, clevr-2d at k = P, P/2, P/4 and the VQA-v2-layout table at
 # k = 32, 16, 8; `soc` is a longer Sort-of-CLEVR run at k = P and P/2 (about
-# 90 minutes more, not in the README yet). Usage: bench/results.sh [OUT]
-# [STEP...] (steps: demo clevr2d vqa2 soc; default the first three). Each
-# step writes JSON to OUT.
+# 90 minutes more, not in the README yet); `soc1k` trains the Relation
+# Network on 1,000 Sort-of-CLEVR images for 6 epochs (about 30 minutes) and,
+# when $PYTHON has torch and pillow, the same model in PyTorch
+# (bench/torch_rn_train.py, about 10 minutes) for the learning curves side by
+# side. Usage: bench/results.sh [OUT] [STEP...] (steps: demo clevr2d vqa2 soc
+# soc1k; default the first three). Each step writes JSON to OUT.
 set -euo pipefail
 OUT=${1:-results}
 shift || true
@@ -32,6 +35,16 @@ for step in $STEPS; do
         --image-size 64 --g-dim 128 --f-dim 128 --lr 1e-3
       $B eval --run "$OUT/soc-k$k" --data "$OUT/soc-data" --json > "$OUT/soc-k$k.json"
     done ;;
+  soc1k)
+    $B generate sort-of-clevr --out "$OUT/soc1k-data" --train-images 1000 --val-images 100 --seed 1
+    flags="--epochs 6 --batch 64 --image-size 75 --g-dim 128 --f-dim 128 --lr 1e-3 --k 12"
+    # shellcheck disable=SC2086
+    $B train --data "$OUT/soc1k-data" --out "$OUT/soc1k-moevqa" $flags
+    if ${PYTHON:-python3} -c "import torch, PIL" 2>/dev/null; then
+      # shellcheck disable=SC2086
+      ${PYTHON:-python3} bench/torch_rn_train.py --data "$OUT/soc1k-data" $flags --threads 2 \
+        > "$OUT/soc1k-torch.jsonl"
+    fi ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -309,9 +309,11 @@ pub fn train_epoch(
     ))
 }
 
-/// A fresh Adam optimizer (the RN's optimizer).
+/// A fresh Adam optimizer (every model's).
 pub fn adam() -> burn::optim::ModuleOptimizer {
-    AdamConfig::new().init()
+    // epsilon 1e-8 as in PyTorch (and the RN paper's TensorFlow): Burn's
+    // default 1e-5 damps the updates of parameters whose gradients are small.
+    AdamConfig::new().with_epsilon(1e-8).init()
 }
 
 /// Vocabularies of a run: words and answers from the train split.
