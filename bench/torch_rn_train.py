@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--f-dim", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--burn-lstm-init", action="store_true",
+                    help="initialise the LSTM as Burn 0.22.1 does (Xavier normal weights and biases)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     random.seed(a.seed)
@@ -126,6 +128,13 @@ def main():
     words = {w: i + 2 for i, w in enumerate(vocab)}  # 0 <pad>, 1 <unk>
     answers = {x: i for i, x in enumerate(sorted({q["answer"] for q in train}))}
     model = Rn(len(words) + 2, len(answers), a.g_dim, a.f_dim)
+    if a.burn_lstm_init:
+        h, e = model.lstm.hidden_size, model.lstm.input_size
+        with torch.no_grad():
+            for name, fan_in in (("ih", e), ("hh", h)):
+                std = (2.0 / (fan_in + h)) ** 0.5
+                getattr(model.lstm, f"weight_{name}_l0").normal_(0.0, std)
+                getattr(model.lstm, f"bias_{name}_l0").normal_(0.0, std)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     for epoch in range(1, a.epochs + 1):
         model.train()
