@@ -104,9 +104,44 @@ def batches(items, batch, images, words, answers, shuffle):
         yield chunk, imgs, tokens, lengths, target
 
 
+def grad_norms():
+    n = 64
+    model = Rn(20, 10, 128, 128).train()
+    images = torch.rand(n, 3, 75, 75)
+    tokens = torch.randint(2, 19, (n, 10))
+    logits, gates = model(images, tokens, torch.full((n,), 10), 12)
+    loss = F.cross_entropy(logits, torch.randint(0, 10, (n,)))
+    for g in gates:
+        imp = g.sum(0)
+        loss = loss + 0.01 * imp.var(unbiased=False) / (imp.mean() ** 2 + 1e-10)
+    print(f"loss {loss.item():.4f}")
+    loss.backward()
+
+    def norm(*mods):
+        return sum(float(p.grad.pow(2).sum()) for m in mods for p in m.parameters() if p.grad is not None) ** 0.5
+
+    print(f"embed {norm(model.embed):.3e}")
+    print(f"lstm {norm(model.lstm):.3e}")
+    print(f"stem conv {model.cnn.stem[0].weight.grad.norm():.3e}")
+    for i, b in enumerate(model.cnn.blocks):
+        print(f"block{i} reduce {b.reduce.weight.grad.norm():.3e} conv {b.conv.weight.grad.norm():.3e} "
+              f"expand {b.expand.weight.grad.norm():.3e}")
+    for i, g in enumerate(model.cnn.gates):
+        print(f"gate{i} image_att {norm(g.image_att):.3e} question_att {norm(g.question_att):.3e} "
+              f"gate {norm(g.gate):.3e}")
+    print(f"head conv {model.cnn.head[0].weight.grad.norm():.3e}")
+    print(f"g_first i {norm(model.g_i):.3e} j {norm(model.g_j):.3e} q {norm(model.g_q):.3e}")
+    for i, l in enumerate(model.g_rest):
+        print(f"g_rest{i} {norm(l):.3e}")
+    print(f"f1 {norm(model.f1):.3e} f2 {norm(model.f2):.3e} out {norm(model.out):.3e}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", help="CLEVR-layout directory (not needed with --grad-norms)")
+    ap.add_argument("--grad-norms", action="store_true",
+                    help="print the gradient norms by layer at initialisation on one random batch "
+                         "(as `cargo run --release --example grad_norms`) and exit")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2.5e-4)
@@ -122,6 +157,11 @@ def main():
     torch.set_num_threads(a.threads)
     random.seed(a.seed)
     torch.manual_seed(a.seed)
+    if a.grad_norms:
+        grad_norms()
+        return
+    if not a.data:
+        sys.exit("error: --data: expected a CLEVR-layout directory")
     train, train_img = load(a.data, "train", a.image_size)
     val, val_img = load(a.data, "val", a.image_size)
     vocab = sorted({w for q in train for w in tokenize(q["question"])})
