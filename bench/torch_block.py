@@ -355,8 +355,20 @@ class RelationNetwork(nn.Module):
         self.drop = nn.Dropout(0.5)
         self.out = nn.Linear(f_dim, answers)
 
-    def forward(self, images, tokens, k):
-        q = self.lstm(self.embed(tokens))[0][:, -1]  # every question has full length
+    def reset_batch_norms(self):
+        """Fresh BN (weight 1, bias 0, zero statistics) for training; the
+        blocks are built with random_bn's statistics for the eval benches."""
+        for b in self.cnn.blocks:
+            for m in b.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.reset_parameters()
+                    m.reset_running_stats()
+        return self
+
+    def forward(self, images, tokens, k, lengths=None):
+        """`lengths[n]`: question n's words (None: every question fills `tokens`)."""
+        out = self.lstm(self.embed(tokens))[0]
+        q = out[:, -1] if lengths is None else out[torch.arange(len(lengths)), lengths - 1]
         x = self.cnn.stem(images)
         x = self.cnn.pool(x)
         gate_values = []
@@ -378,14 +390,18 @@ class RelationNetwork(nn.Module):
         return self.out(self.drop(F.relu(self.f2(F.relu(self.f1(r)))))), gate_values
 
 
+def balance_loss(gates, weight=0.01):
+    """src/moe/balance.rs: weight * sum over blocks of CV^2 of the importances."""
+    total = 0.0
+    for g in gates:
+        imp = g.sum(0)
+        total = total + weight * imp.var(unbiased=False) / (imp.mean() ** 2 + 1e-10)
+    return total
+
+
 def bench_train(batch, k, size, iters, warmup):
     torch.manual_seed(1)
-    model = RelationNetwork().train()
-    for b in model.cnn.blocks:  # random_bn's statistics are for eval benches
-        for m in b.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_parameters()
-                m.reset_running_stats()
+    model = RelationNetwork().reset_batch_norms().train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, size, size)
     tokens = torch.randint(2, 79, (batch, 10))
@@ -393,10 +409,7 @@ def bench_train(batch, k, size, iters, warmup):
 
     def step():
         logits, gates = model(images, tokens, k)
-        loss = F.cross_entropy(logits, targets)
-        for g in gates:
-            imp = g.sum(0)
-            loss = loss + 0.01 * imp.var(unbiased=False) / imp.mean() ** 2
+        loss = F.cross_entropy(logits, targets) + balance_loss(gates)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -58,37 +58,6 @@ def load(data, split, size):
     return qs, cache
 
 
-class Rn(tb.RelationNetwork):
-    def __init__(self, vocab, answers, g_dim, f_dim):
-        super().__init__(vocab, answers, g_dim, f_dim)
-        for b in self.cnn.blocks:  # random_bn's statistics are for eval benches
-            for m in b.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.reset_parameters()
-                    m.reset_running_stats()
-
-    def forward(self, images, tokens, lengths, k):
-        out = self.lstm(self.embed(tokens))[0]
-        q = out[torch.arange(len(lengths)), lengths - 1]
-        x = self.cnn.pool(self.cnn.stem(images))
-        gates = []
-        for block, ctrl in zip(self.cnn.blocks, self.cnn.gates):
-            g, sel = ctrl(x, q, k)
-            gates.append(g)
-            x = block.dense(x, torch.zeros_like(g).scatter(1, sel, g.gather(1, sel)))
-        x = self.cnn.head(x)
-        n, c, h, w = x.shape
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-        coords = torch.stack([xs, ys], -1).reshape(1, h * w, 2).expand(n, -1, -1)
-        objects = torch.cat([x.reshape(n, c, h * w).transpose(1, 2), coords], 2)
-        hid = F.relu(self.g_i(objects)[:, :, None] + self.g_j(objects)[:, None] + self.g_q(q)[:, None, None])
-        hid = hid.reshape(n, -1, hid.shape[-1])
-        for layer in self.g_rest:
-            hid = F.relu(layer(hid))
-        r = hid.sum(1)
-        return self.out(self.drop(F.relu(self.f2(F.relu(self.f1(r)))))), gates
-
-
 def batches(items, batch, images, words, answers, shuffle):
     order = list(range(len(items)))
     if shuffle:
@@ -106,14 +75,11 @@ def batches(items, batch, images, words, answers, shuffle):
 
 def grad_norms():
     n = 64
-    model = Rn(20, 10, 128, 128).train()
+    model = tb.RelationNetwork(20, 10, 128, 128).reset_batch_norms().train()
     images = torch.rand(n, 3, 75, 75)
     tokens = torch.randint(2, 19, (n, 10))
-    logits, gates = model(images, tokens, torch.full((n,), 10), 12)
-    loss = F.cross_entropy(logits, torch.randint(0, 10, (n,)))
-    for g in gates:
-        imp = g.sum(0)
-        loss = loss + 0.01 * imp.var(unbiased=False) / (imp.mean() ** 2 + 1e-10)
+    logits, gates = model(images, tokens, 12)
+    loss = F.cross_entropy(logits, torch.randint(0, 10, (n,))) + tb.balance_loss(gates)
     print(f"loss {loss.item():.4f}")
     loss.backward()
 
@@ -167,7 +133,7 @@ def main():
     vocab = sorted({w for q in train for w in tokenize(q["question"])})
     words = {w: i + 2 for i, w in enumerate(vocab)}  # 0 <pad>, 1 <unk>
     answers = {x: i for i, x in enumerate(sorted({q["answer"] for q in train}))}
-    model = Rn(len(words) + 2, len(answers), a.g_dim, a.f_dim)
+    model = tb.RelationNetwork(len(words) + 2, len(answers), a.g_dim, a.f_dim).reset_batch_norms()
     if a.burn_lstm_init:
         h, e = model.lstm.hidden_size, model.lstm.input_size
         with torch.no_grad():
@@ -180,11 +146,8 @@ def main():
         model.train()
         t0, seen, right, loss_sum = time.perf_counter(), 0, 0, 0.0
         for _, imgs, tokens, lengths, target in batches(train, a.batch, train_img, words, answers, True):
-            logits, gates = model(imgs, tokens, lengths, a.k)
-            loss = F.cross_entropy(logits, target)
-            for g in gates:
-                imp = g.sum(0)
-                loss = loss + 0.01 * imp.var(unbiased=False) / (imp.mean() ** 2 + 1e-10)
+            logits, gates = model(imgs, tokens, a.k, lengths)
+            loss = F.cross_entropy(logits, target) + tb.balance_loss(gates)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -196,7 +159,7 @@ def main():
         fam = {}
         with torch.no_grad():
             for chunk, imgs, tokens, lengths, target in batches(val, 256, val_img, words, answers, False):
-                pred = model(imgs, tokens, lengths, a.k)[0].argmax(1)
+                pred = model(imgs, tokens, a.k, lengths)[0].argmax(1)
                 for q, ok in zip(chunk, (pred == target).tolist()):
                     f = fam.setdefault(q["program"][-1]["function"], [0, 0])
                     f[0] += ok

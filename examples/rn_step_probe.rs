@@ -22,6 +22,15 @@ fn median(mut f: impl FnMut() -> f32) -> f64 {
     v[2]
 }
 
+/// Backward of sum(y^2); reads the gradient reaching `wrt` so the work is done.
+fn backward_to<const D: usize, const E: usize>(y: Tensor<D>, wrt: &Tensor<E>) -> f32 {
+    let grads = y.powi_scalar(2).sum().backward();
+    wrt.grad(&grads)
+        .expect("gradient")
+        .sum()
+        .into_scalar::<f32>()
+}
+
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
@@ -49,25 +58,11 @@ fn main() {
                 Execution::Dense,
             )
             .unwrap();
-        let grads = out.logits.powi_scalar(2).sum().backward();
-        model
-            .f1
-            .weight
-            .grad(&grads)
-            .unwrap()
-            .sum()
-            .into_scalar::<f32>()
+        backward_to(out.logits, &model.f1.weight.val())
     });
     let q_only = median(|| {
         let q = model.encode_question(tokens.clone(), &lengths).unwrap();
-        let grads = q.powi_scalar(2).sum().backward();
-        model
-            .embed
-            .weight
-            .grad(&grads)
-            .unwrap()
-            .sum()
-            .into_scalar::<f32>()
+        backward_to(q, &model.embed.weight.val())
     });
     let q = model
         .encode_question(tokens.clone(), &lengths)
@@ -78,59 +73,24 @@ fn main() {
             .cnn
             .forward_k(images.clone(), Some(q.clone()), 12, Execution::Dense)
             .unwrap();
-        let grads = out.features.powi_scalar(2).sum().backward();
-        model
-            .cnn
-            .stem
-            .conv
-            .weight
-            .grad(&grads)
-            .unwrap()
-            .sum()
-            .into_scalar::<f32>()
+        backward_to(out.features, &model.cnn.stem.conv.weight.val())
     });
     // Parts of the CNN, each forward + backward on its own input.
-    let stem = median(|| {
-        let mut x = model.cnn.stem.forward(images.clone());
-        if let Some(pool) = &model.cnn.pool {
-            x = pool.forward(x);
+    let stem_pool = |images: Tensor<4>| {
+        let x = model.cnn.stem.forward(images);
+        match &model.cnn.pool {
+            Some(pool) => pool.forward(x),
+            None => x,
         }
-        let grads = x.powi_scalar(2).sum().backward();
-        model
-            .cnn
-            .stem
-            .conv
-            .weight
-            .grad(&grads)
-            .unwrap()
-            .sum()
-            .into_scalar::<f32>()
-    });
+    };
+    let stem = median(|| backward_to(stem_pool(images.clone()), &model.cnn.stem.conv.weight.val()));
     let stem_conv = median(|| {
         let x = model.cnn.stem.conv.forward(images.clone());
-        let grads = x.powi_scalar(2).sum().backward();
-        model
-            .cnn
-            .stem
-            .conv
-            .weight
-            .grad(&grads)
-            .unwrap()
-            .sum()
-            .into_scalar::<f32>()
+        backward_to(x, &model.cnn.stem.conv.weight.val())
     });
     let stem_bn = median(|| {
         let x = model.cnn.stem.forward(images.clone());
-        let grads = x.powi_scalar(2).sum().backward();
-        model
-            .cnn
-            .stem
-            .conv
-            .weight
-            .grad(&grads)
-            .unwrap()
-            .sum()
-            .into_scalar::<f32>()
+        backward_to(x, &model.cnn.stem.conv.weight.val())
     });
     let pool_in = model
         .cnn
@@ -140,49 +100,24 @@ fn main() {
         .require_grad();
     let pool = median(|| {
         let x = model.cnn.pool.as_ref().unwrap().forward(pool_in.clone());
-        let grads = x.powi_scalar(2).sum().backward();
-        pool_in.grad(&grads).unwrap().sum().into_scalar::<f32>()
+        backward_to(x, &pool_in)
     });
     println!("stem conv {stem_conv:.1}, conv+bn+relu {stem_bn:.1}, pool {pool:.1}");
-    let mut x = model.cnn.stem.forward(images.clone());
-    if let Some(pool) = &model.cnn.pool {
-        x = pool.forward(x);
-    }
-    let mut x = x.detach();
+    let mut x = stem_pool(images.clone()).detach();
     let mut parts = String::new();
     for (block, ctrl) in model.cnn.blocks.iter().zip(&model.cnn.gates) {
         let gate = median(|| {
             let v = ctrl.gate_values(x.clone(), q.clone()).unwrap();
-            let grads = v.powi_scalar(2).sum().backward();
-            ctrl.gate
-                .weight
-                .grad(&grads)
-                .unwrap()
-                .sum()
-                .into_scalar::<f32>()
+            backward_to(v, &ctrl.gate.weight.val())
         });
         let gv = ctrl.gate_values(x.clone(), q.clone()).unwrap().detach();
         let body = median(|| {
             let y = block.forward_dense(x.clone(), Some(gv.clone())).unwrap();
-            let grads = y.powi_scalar(2).sum().backward();
-            block
-                .reduce
-                .weight
-                .grad(&grads)
-                .unwrap()
-                .sum()
-                .into_scalar::<f32>()
+            backward_to(y, &block.reduce.weight.val())
         });
         let conv = median(|| {
             let y = block.conv.forward(block.reduce.forward(x.clone()));
-            let grads = y.powi_scalar(2).sum().backward();
-            block
-                .conv
-                .weight
-                .grad(&grads)
-                .unwrap()
-                .sum()
-                .into_scalar::<f32>()
+            backward_to(y, &block.conv.weight.val())
         });
         parts += &format!(
             " [{:?}: gate {gate:.1}, block {body:.1} (reduce+3x3 {conv:.1})]",
@@ -200,14 +135,7 @@ fn main() {
     let objects = Tensor::<3>::random([n, h * w, c + 2], Distribution::Normal(0.0, 1.0), &ad);
     let rel = median(|| {
         let r = model.relate(objects.clone(), q.clone());
-        let grads = r.powi_scalar(2).sum().backward();
-        model
-            .g_first_i
-            .weight
-            .grad(&grads)
-            .unwrap()
-            .sum()
-            .into_scalar::<f32>()
+        backward_to(r, &model.g_first_i.weight.val())
     });
     // One hidden layer of g (Linear + ReLU) on [N*D*D, G], and a bare matmul.
     let rows = n * h * w * h * w;

@@ -816,15 +816,6 @@ impl InferenceArgs {
     }
 }
 
-/// The demo's evaluation at `k`: the default engine of the device.
-fn demo_inference(k: usize, batch: usize, device: &Device) -> Inference {
-    Inference {
-        k: Some(k),
-        batch,
-        engine: moevqa::kernels::Engine::for_device(device),
-    }
-}
-
 #[allow(clippy::too_many_arguments)] // one parameter per flag
 fn cmd_bench_cnn(
     device: &Device,
@@ -1129,7 +1120,7 @@ fn cmd_demo(
             &run,
             &data,
             "val",
-            demo_inference(k, 64, device),
+            Inference::at(k, 64, device),
             device,
         )?;
         let gate = GateSettings::new().with_question_dim(cfg.question_dim);

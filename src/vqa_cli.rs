@@ -413,11 +413,6 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
         summary.val_questions
     );
     let mut rows = Vec::new();
-    let inf = |k| Inference {
-        k: Some(k),
-        batch: 32,
-        engine: Engine::for_device(device),
-    };
     for &k in &f.ks {
         let run = root.join(format!("run-k{k}"));
         if run.exists() {
@@ -449,7 +444,13 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
         };
         let cfg = flags.config()?;
         moevqa::train::vqa::train_vqa(&cfg, &run, false, device, progress)?;
-        let (_, r) = moevqa::train::vqa::evaluate_vqa_run(&run, &data, "val2014", inf(k), device)?;
+        let (_, r) = moevqa::train::vqa::evaluate_vqa_run(
+            &run,
+            &data,
+            "val2014",
+            Inference::at(k, 32, device),
+            device,
+        )?;
         let s = r.score.context("the generated val split has annotations")?;
         rows.push(VqaDemoRow {
             k,

@@ -27,6 +27,11 @@ fn out_len(n: usize, k: usize, s: usize, p: usize) -> Option<usize> {
     (n + 2 * p).checked_sub(k).map(|v| v / s + 1)
 }
 
+/// Output map of a square window (kernel k, stride s, padding p) over h x w.
+fn out_hw(h: usize, w: usize, k: usize, s: usize, p: usize) -> Option<(usize, usize)> {
+    Some((out_len(h, k, s, p)?, out_len(w, k, s, p)?))
+}
+
 /// A square conv (groups 1, dilation 1, symmetric padding) with its eval BN
 /// folded in, followed by ReLU.
 #[derive(Debug, Clone)]
@@ -103,10 +108,7 @@ impl PackedConv {
 
     /// Output map for an input map, `None` when the input is too small.
     pub fn output_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        Some((
-            out_len(h, self.k, self.s, self.p)?,
-            out_len(w, self.k, self.s, self.p)?,
-        ))
+        out_hw(h, w, self.k, self.s, self.p)
     }
 
     /// One sample: `x` [C_in, h, w] to `out` [C_out, h', w'], relu(conv + b).
@@ -209,10 +211,7 @@ impl PackedPool {
     }
 
     pub fn output_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        Some((
-            out_len(h, self.k, self.s, self.p)?,
-            out_len(w, self.k, self.s, self.p)?,
-        ))
+        out_hw(h, w, self.k, self.s, self.p)
     }
 
     /// One sample, `c` channels: `x` [c, h, w] to `out` [c, h', w'].

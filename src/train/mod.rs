@@ -20,6 +20,17 @@ pub struct Inference {
     pub engine: Engine,
 }
 
+impl Inference {
+    /// Sparse at `k`, batches of `batch`, the default engine of `device`.
+    pub fn at(k: usize, batch: usize, device: &burn::tensor::Device) -> Inference {
+        Inference {
+            k: Some(k),
+            batch,
+            engine: Engine::for_device(device),
+        }
+    }
+}
+
 impl Default for Inference {
     /// The run's k, batches of 64, the fast CPU path.
     fn default() -> Self {
