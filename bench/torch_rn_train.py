@@ -102,12 +102,134 @@ def grad_norms():
     print(f"f1 {norm(model.f1):.3e} f2 {norm(model.f2):.3e} out {norm(model.out):.3e}")
 
 
+def burn_to_torch(model):
+    """moevqa parameter path -> (torch tensor, transform of the Burn values)."""
+    out = {}
+    lin = lambda v, shape: v.reshape(shape).t()  # Burn Linear weights are [in, out]
+    same = lambda v, shape: v.reshape(shape)
+    cnn = model.cnn
+    for name, t in (("cnn.stem.conv.weight", cnn.stem[0].weight), ("cnn.head.conv.weight", cnn.head[0].weight)):
+        out[name] = (t, same)
+    for part, bn in (("stem", cnn.stem[1]), ("head", cnn.head[1])):
+        out[f"cnn.{part}.bn.gamma"], out[f"cnn.{part}.bn.beta"] = (bn.weight, same), (bn.bias, same)
+        out[f"cnn.{part}.bn.running_mean"], out[f"cnn.{part}.bn.running_var"] = (bn.running_mean, same), (bn.running_var, same)
+    for i, b in enumerate(cnn.blocks):
+        convs = [("reduce", b.reduce, b.bn_reduce), ("conv", b.conv, b.bn_conv), ("expand", b.expand, b.bn_expand)]
+        if b.shortcut is not None:
+            convs.append(("shortcut", b.shortcut[0], b.shortcut[1]))
+        for n, conv, bn in convs:
+            pre = f"cnn.blocks.{i}.{n}"
+            if n == "shortcut":
+                out[pre + ".conv.weight"], bnp = (conv.weight, same), pre + ".bn"
+            else:
+                out[pre + ".weight"], bnp = (conv.weight, same), f"cnn.blocks.{i}.bn_{n}"
+            out[bnp + ".gamma"], out[bnp + ".beta"] = (bn.weight, same), (bn.bias, same)
+            out[bnp + ".running_mean"], out[bnp + ".running_var"] = (bn.running_mean, same), (bn.running_var, same)
+    for i, g in enumerate(cnn.gates):
+        for n in ("image_att", "question_att", "att_score", "image_proj", "gate"):
+            l = getattr(g, n)
+            out[f"cnn.gates.{i}.{n}.weight"] = (l.weight, lin)
+            if l.bias is not None:
+                out[f"cnn.gates.{i}.{n}.bias"] = (l.bias, same)
+    for n, l in [("g_first_i", model.g_i), ("g_first_j", model.g_j), ("g_first_q", model.g_q), ("f1", model.f1),
+                 ("f2", model.f2), ("out", model.out)] + [(f"g_rest.{i}", l) for i, l in enumerate(model.g_rest)]:
+        out[n + ".weight"] = (l.weight, lin)
+        if l.bias is not None:
+            out[n + ".bias"] = (l.bias, same)
+    out["embed.weight"] = (model.embed.weight, same)
+    h = model.lstm.hidden_size
+    # torch packs the LSTM gates as i, f, g, o along the rows.
+    for j, gate in enumerate(("input_gate", "forget_gate", "cell_gate", "output_gate")):
+        for burn_t, torch_t in (("input_transform", "ih"), ("hidden_transform", "hh")):
+            w, bias = getattr(model.lstm, f"weight_{torch_t}_l0"), getattr(model.lstm, f"bias_{torch_t}_l0")
+            out[f"lstm.{gate}.{burn_t}.weight"] = ((w, j * h, (j + 1) * h), lin)
+            out[f"lstm.{gate}.{burn_t}.bias"] = ((bias, j * h, (j + 1) * h), same)
+    return out
+
+
+def rows(t):
+    """A table entry's tensor: a whole parameter, or (packed, start, end) rows of one."""
+    return t[0][t[1]:t[2]] if isinstance(t, tuple) else t
+
+
+def grad_rows(t):
+    return (t[0].grad[t[1]:t[2]] if t[0].grad is not None else None) if isinstance(t, tuple) else t.grad
+
+
+def load_burn_weights(model, params):
+    """Copies moevqa's parameters (rn_parity's "params") into the PyTorch RN."""
+    table = burn_to_torch(model)
+    missing = set(params) ^ set(table)
+    if missing:
+        sys.exit(f"error: unmapped parameters {sorted(missing)}")
+    with torch.no_grad():
+        for name, (t, f) in table.items():
+            dst = rows(t)
+            src = f(torch.tensor(params[name]["values"]), params[name]["shape"])
+            if dst.shape != src.shape:
+                sys.exit(f"error: {name}: moevqa has {list(src.shape)}, this model {list(dst.shape)}")
+            dst.copy_(src)
+    return table
+
+
+def parity(path, lr=1e-3):
+    """Loads `cargo run --example rn_parity` output, repeats its steps, compares."""
+    d = json.load(open(path))
+    model = tb.RelationNetwork(20, 10, 128, 128).reset_batch_norms().train()
+    model.drop.p = 0.0
+    params = d["params"]
+    table = load_burn_weights(model, params)
+    n, t = len(d["targets"]), len(d["tokens"]) // len(d["targets"])
+    images = torch.tensor(d["images"]).reshape(n, 3, 75, 75)
+    tokens = torch.tensor(d["tokens"]).reshape(n, t)
+    lengths = torch.tensor(d["lengths"])
+    target = torch.tensor(d["targets"])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for step in range(len(d["losses"])):
+        logits, gates = model(images, tokens, 12, lengths)
+        loss = F.cross_entropy(logits, target) + tb.balance_loss(gates)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        losses.append(loss.item())
+        if step == 0:
+            print("# gradients of step 1: name, |burn - torch| / |torch|, |torch|")
+            for name, (tt, f) in table.items():
+                g = d["grads"][name]
+                tg = grad_rows(tt)
+                if g is None or tg is None:
+                    if (g is None) != (tg is None):
+                        print(f"{name}: gradient only in {'torch' if g is None else 'burn'}")
+                    continue
+                bg = f(torch.tensor(g), params[name]["shape"])
+                rel = float((bg - tg).norm() / tg.norm().clamp_min(1e-30))
+                print(f"{name} {rel:.2e} {float(tg.norm()):.3e}")
+        opt.step()
+    print("losses burn ", [round(x, 5) for x in d["losses"]])
+    print("losses torch", [round(x, 5) for x in losses])
+    print("# after the steps: name, |burn - torch| / |torch - before|")
+    with torch.no_grad():
+        for name, (tt, f) in table.items():
+            shape = params[name]["shape"]
+            before = f(torch.tensor(params[name]["values"]), shape)
+            after = f(torch.tensor(d["after"][name]["values"]), shape)
+            now = rows(tt)
+            moved = (now - before).norm().clamp_min(1e-30)
+            print(f"{name} {float((after - now).norm() / moved):.2e}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", help="CLEVR-layout directory (not needed with --grad-norms)")
     ap.add_argument("--grad-norms", action="store_true",
                     help="print the gradient norms by layer at initialisation on one random batch "
                          "(as `cargo run --release --example grad_norms`) and exit")
+    ap.add_argument("--parity", metavar="FILE",
+                    help="repeat the steps of `cargo run --release --example rn_parity -- FILE` "
+                         "with its weights and print where PyTorch and moevqa differ, then exit")
+    ap.add_argument("--init-from", metavar="FILE",
+                    help="start from moevqa's initial weights, written by `cargo run --release "
+                         "--example rn_parity -- FILE 0 VOCAB ANSWERS` (VOCAB = words + 2)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2.5e-4)
@@ -126,6 +248,9 @@ def main():
     if a.grad_norms:
         grad_norms()
         return
+    if a.parity:
+        parity(a.parity)
+        return
     if not a.data:
         sys.exit("error: --data: expected a CLEVR-layout directory")
     train, train_img = load(a.data, "train", a.image_size)
@@ -134,6 +259,8 @@ def main():
     words = {w: i + 2 for i, w in enumerate(vocab)}  # 0 <pad>, 1 <unk>
     answers = {x: i for i, x in enumerate(sorted({q["answer"] for q in train}))}
     model = tb.RelationNetwork(len(words) + 2, len(answers), a.g_dim, a.f_dim).reset_batch_norms()
+    if a.init_from:
+        load_burn_weights(model, json.load(open(a.init_from))["params"])
     if a.burn_lstm_init:
         h, e = model.lstm.hidden_size, model.lstm.input_size
         with torch.no_grad():
