@@ -19,6 +19,12 @@ torch and pillow. Usage:
   moevqa generate sort-of-clevr --out /tmp/soc1k --train-images 1000 --val-images 100
   python bench/torch_rn_train.py --data /tmp/soc1k --epochs 4 --image-size 75 \\
       --g-dim 128 --f-dim 128 --lr 1e-3 --k 12 --threads 2
+
+Identical weights: `cargo run --release --example rn_parity -- p.json` then
+`--parity p.json` repeats moevqa's steps on one batch and prints the
+differences of loss, gradients and weights; `rn_parity -- init.json 0 VOCAB
+ANSWERS SEED` then `--init-from init.json --data ...` trains from moevqa's
+initial weights.
 """
 
 import argparse

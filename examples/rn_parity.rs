@@ -13,7 +13,7 @@
 //! can train PyTorch's RN from moevqa's initial weights (STEPS 0 writes
 //! only them).
 //!
-//! `cargo run --release --example rn_parity -- FILE.json [STEPS [VOCAB ANSWERS]]`
+//! `cargo run --release --example rn_parity -- FILE.json [STEPS [VOCAB ANSWERS [SEED]]]`
 use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -77,8 +77,9 @@ fn main() {
     let steps: usize = args.next().map_or(5, |s| s.parse().expect("STEPS"));
     let vocab: usize = args.next().map_or(20, |s| s.parse().expect("VOCAB"));
     let answers: usize = args.next().map_or(10, |s| s.parse().expect("ANSWERS"));
+    let seed: u64 = args.next().map_or(3, |s| s.parse().expect("SEED"));
     let dev = Device::default().autodiff();
-    dev.seed(3);
+    dev.seed(seed);
     let (n, t) = (64, 10);
     let mut model = RelationNetworkConfig::new(vocab, answers, 12)
         .with_g_dim(128)
