@@ -5,11 +5,11 @@
 //! model, to spot a layer whose gradient differs by an order of magnitude.
 //!
 //! `cargo run --release --example grad_norms`
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use moevqa::cnn::Execution;
 use moevqa::models::{GatedVqaModel, RelationNetworkConfig};
 use moevqa::moe::BalanceLossConfig;
+use moevqa::train::clevr::rn_loss;
 
 fn main() {
     let dev = Device::default().autodiff();
@@ -26,12 +26,7 @@ fn main() {
     let out = m
         .forward(images, tokens, &[10; 64], 12, Execution::Dense)
         .expect("forward");
-    let values: Vec<_> = out.gates.iter().map(|g| g.values.clone()).collect();
-    let ce = CrossEntropyLossConfig::new().init(&dev);
-    let mut loss = ce.forward(out.logits, targets);
-    if let Some(b) = BalanceLossConfig::new().loss(&values) {
-        loss = loss + b;
-    }
+    let loss = rn_loss(&out, targets, &BalanceLossConfig::new());
     println!("loss {:.4}", loss.clone().into_scalar::<f32>());
     let grads = loss.backward();
     let sq = |g: Option<Tensor<1>>| g.map_or(0.0, |g| g.powi_scalar(2).sum().into_scalar::<f32>());

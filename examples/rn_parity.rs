@@ -17,13 +17,13 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::Gradients;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use moevqa::cnn::Execution;
 use moevqa::models::{GatedVqaModel, RelationNetwork, RelationNetworkConfig};
 use moevqa::moe::BalanceLossConfig;
+use moevqa::train::clevr::rn_loss;
 use serde_json::{Value, json};
 
 /// Every float parameter by dotted module path: (shape, values, gradient).
@@ -105,7 +105,6 @@ fn main() {
         "targets": targets,
         "params": collect(&model, None),
     });
-    let ce = CrossEntropyLossConfig::new().init(&dev);
     let mut optim = moevqa::train::clevr::adam();
     let mut losses = vec![];
     for step in 0..steps {
@@ -118,11 +117,7 @@ fn main() {
                 Execution::Dense,
             )
             .expect("forward");
-        let gv: Vec<_> = out.gates.iter().map(|g| g.values.clone()).collect();
-        let mut loss = ce.forward(out.logits, target.clone());
-        if let Some(b) = BalanceLossConfig::new().loss(&gv) {
-            loss = loss + b;
-        }
+        let loss = rn_loss(&out, target.clone(), &BalanceLossConfig::new());
         losses.push(loss.clone().into_scalar::<f32>());
         let grads = loss.backward();
         if step == 0 {

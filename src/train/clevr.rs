@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::cnn::Execution;
 use crate::data::clevr_reader::{ClevrSplit, load_images};
 use crate::kernels::{Engine, EvalCnn};
-use crate::models::{GatedVqaModel, RelationNetwork, RelationNetworkConfig};
+use crate::models::{GatedVqaModel, RelationNetwork, RelationNetworkConfig, RnOutput};
 use crate::moe::BalanceLossConfig;
 use crate::text::{PAD, Vocab};
 use crate::train::TrainError;
@@ -248,7 +248,6 @@ pub fn train_epoch(
     let mut rng =
         ChaCha8Rng::seed_from_u64(s.seed.wrapping_mul(1_000_003).wrapping_add(s.epoch as u64));
     order.shuffle(&mut rng);
-    let ce = CrossEntropyLossConfig::new().init(device);
     let t0 = Instant::now();
     let (mut model, mut loss_sum, mut right, mut seen) = (model, 0.0f64, 0usize, 0usize);
     let total = order.len();
@@ -258,11 +257,7 @@ pub fn train_epoch(
         let n = refs.len();
         let targets = Tensor::<1, Int>::from_data(TensorData::new(b.answers.clone(), [n]), device);
         let out = model.forward(b.images, b.tokens, &b.lengths, s.k, Execution::Dense)?;
-        let values: Vec<_> = out.gates.iter().map(|g| g.values.clone()).collect();
-        let mut loss = ce.forward(out.logits.clone(), targets);
-        if let Some(bal) = s.balance.loss(&values) {
-            loss = loss + bal;
-        }
+        let loss = rn_loss(&out, targets, &s.balance);
         let value = loss.clone().into_scalar::<f32>() as f64;
         if !value.is_finite() {
             return Err(TrainError::Diverged {
@@ -307,6 +302,19 @@ pub fn train_epoch(
             questions_per_s: seen as f64 / seconds.max(1e-9),
         },
     ))
+}
+
+/// The RN's training loss (paper appendix C): cross-entropy of `out`'s
+/// logits against `targets`, plus `balance`'s weighted CV^2 of every block's
+/// gate values.
+pub fn rn_loss(out: &RnOutput, targets: Tensor<1, Int>, balance: &BalanceLossConfig) -> Tensor<1> {
+    let ce = CrossEntropyLossConfig::new().init(&out.logits.device());
+    let loss = ce.forward(out.logits.clone(), targets);
+    let values: Vec<_> = out.gates.iter().map(|g| g.values.clone()).collect();
+    match balance.loss(&values) {
+        Some(b) => loss + b,
+        None => loss,
+    }
 }
 
 /// A fresh Adam optimizer (every model's).
@@ -470,7 +478,6 @@ pub fn bench_train_step(
     let tokens = Tensor::<2, Int>::random([batch, 10], Distribution::Uniform(2.0, 79.0), &ad);
     let lengths = vec![10; batch];
     let targets = Tensor::<1, Int>::random([batch], Distribution::Uniform(0.0, 9.0), &ad);
-    let ce = CrossEntropyLossConfig::new().init(&ad);
     let balance = BalanceLossConfig::new();
     let mut times = Vec::with_capacity(iters);
     for i in 0..warmup + iters {
@@ -482,11 +489,7 @@ pub fn bench_train_step(
             k,
             Execution::Dense,
         )?;
-        let values: Vec<_> = out.gates.iter().map(|g| g.values.clone()).collect();
-        let mut loss = ce.forward(out.logits, targets.clone());
-        if let Some(b) = balance.loss(&values) {
-            loss = loss + b;
-        }
+        let loss = rn_loss(&out, targets.clone(), &balance);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-4, model, grads);
         ad.sync()

@@ -31,17 +31,6 @@ impl Inference {
     }
 }
 
-impl Default for Inference {
-    /// The run's k, batches of 64, the fast CPU path.
-    fn default() -> Self {
-        Inference {
-            k: None,
-            batch: 64,
-            engine: Engine::Fast,
-        }
-    }
-}
-
 /// Errors of training and evaluation; each message is one line.
 #[derive(Debug, Error)]
 pub enum TrainError {
