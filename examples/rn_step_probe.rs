@@ -3,6 +3,9 @@
 //!
 //! `cargo run --release --example rn_step_probe -- [IMAGE] [G_DIM] [BATCH]`
 
+#[global_allocator]
+static GLOBAL: moevqa::alloc::HugePageAlloc = moevqa::alloc::HugePageAlloc;
+
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Int, Tensor};
@@ -147,6 +150,12 @@ fn main() {
         let grads = y.sum().backward();
         hidden.grad(&grads).unwrap().sum().into_scalar::<f32>()
     });
+    let fused = median(|| {
+        let y = moevqa::kernels::relate::linear_relu(hidden.clone(), layer);
+        let grads = y.sum().backward();
+        hidden.grad(&grads).unwrap().sum().into_scalar::<f32>()
+    });
+    println!("fused linear_relu (moevqa::kernels::relate) fwd+bwd {fused:.1} ms");
     let plain = Tensor::<2>::random(
         [rows, g],
         Distribution::Uniform(0.0, 1.0),

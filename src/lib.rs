@@ -10,6 +10,7 @@
 //! [`flops`] (analytic multiply-add counts), [`bench`] (timing harness),
 //! [`data`] (the CLEVR layout and generated datasets).
 
+pub mod alloc;
 pub mod bench;
 pub mod cnn;
 pub mod data;

@@ -50,6 +50,7 @@ mod cnn;
 mod conv3x3;
 mod gate;
 mod matmul;
+pub mod relate;
 mod stem;
 
 use std::str::FromStr;

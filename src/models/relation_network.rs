@@ -23,6 +23,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::GatedVqaModel;
 use crate::cnn::{CnnLayout, CnnOutput, ModularResNeXt};
 use crate::error::{MoeError, Result as MoeResult};
+use crate::kernels::relate::{linear_relu, linear_relu_sum, pair_relu};
 use crate::moe::Gates;
 
 /// Configuration of the Relation Network.
@@ -152,13 +153,15 @@ impl RelationNetwork {
         let b = self.g_first_j.forward(objects);
         let c = self.g_first_q.forward(question); // [N, G]
         let g = a.dims()[2];
-        let mut h =
-            relu(a.unsqueeze_dim::<4>(2) + b.unsqueeze_dim::<4>(1) + c.reshape([n, 1, 1, g]))
-                .reshape([n * d * d, g]);
-        for layer in &self.g_rest {
-            h = relu(layer.forward(h));
+        // The question term joins the i side: relu(a_i + c + b_j).
+        let h = pair_relu(a + c.unsqueeze_dim::<3>(1), b).reshape([n * d * d, g]);
+        match self.g_rest.split_last() {
+            None => h.reshape([n, d * d, g]).sum_dim(1).reshape([n, g]),
+            Some((last, hidden)) => {
+                let h = hidden.iter().fold(h, linear_relu);
+                linear_relu_sum(h, last, d * d)
+            }
         }
-        h.reshape([n, d * d, g]).sum_dim(1).reshape([n, g])
     }
 }
 
