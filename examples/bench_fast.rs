@@ -10,9 +10,6 @@
 //! CNN's time goes: stem, pool, gate controllers, blocks), `cnnloop` (the
 //! packed CNN in a loop, for `perf`; `MODEL=vqa` for ResNeXt-101).
 
-#[global_allocator]
-static GLOBAL: moevqa::alloc::HugePageAlloc = moevqa::alloc::HugePageAlloc;
-
 use std::str::FromStr;
 
 use anyhow::{Context, Result, bail};

@@ -3,9 +3,6 @@
 //!
 //! `cargo run --release --example rn_step_probe -- [IMAGE] [G_DIM] [BATCH]`
 
-#[global_allocator]
-static GLOBAL: moevqa::alloc::HugePageAlloc = moevqa::alloc::HugePageAlloc;
-
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Int, Tensor};

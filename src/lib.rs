@@ -10,7 +10,6 @@
 //! [`flops`] (analytic multiply-add counts), [`bench`] (timing harness),
 //! [`data`] (the CLEVR layout and generated datasets).
 
-pub mod alloc;
 pub mod bench;
 pub mod cnn;
 pub mod data;

@@ -1,9 +1,5 @@
 //! The `moevqa` command line. The only place that names a concrete backend.
 
-// Large blocks on transparent huge pages: see `moevqa::alloc`.
-#[global_allocator]
-static GLOBAL: moevqa::alloc::HugePageAlloc = moevqa::alloc::HugePageAlloc;
-
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};

@@ -103,10 +103,10 @@ pub(crate) fn pair_relu_backward(
                     .zip(gi.chunks_exact(h))
                     .zip(dv.chunks_exact_mut(h))
                 {
-                    for c in 0..h {
-                        let g = if yr[c] > 0.0 { gr[c] } else { 0.0 };
-                        dui[c] += g;
-                        dvj[c] += g;
+                    for (((&y, &g), du), dv) in yr.iter().zip(gr).zip(dui.iter_mut()).zip(dvj) {
+                        let g = if y > 0.0 { g } else { 0.0 };
+                        *du += g;
+                        *dv += g;
                     }
                 }
             }
@@ -223,19 +223,43 @@ pub(crate) fn linear_relu_backward(
     s: LinearShape,
     need_dx: bool,
 ) -> LinearGrads {
-    linear_relu_backward_rows(x, w, y, dy, s, need_dx, BACKWARD_ROWS)
+    linear_relu_backward_io(x, w, y, s, BackwardIo::Read { dy, need_dx }, BACKWARD_ROWS)
+}
+
+/// [`linear_relu_backward`] for a square layer without a group (`k == n`),
+/// writing `dx` over `dy` (saves allocating and faulting in an [m, k]
+/// buffer per layer); the returned `dx` is empty.
+pub(crate) fn linear_relu_backward_in_place(
+    x: &[f32],
+    w: &[f32],
+    y: &[f32],
+    dy: &mut [f32],
+    s: LinearShape,
+) -> LinearGrads {
+    assert!(
+        s.k == s.n && s.group.is_none(),
+        "in-place backward needs a square layer without a group"
+    );
+    linear_relu_backward_io(x, w, y, s, BackwardIo::InPlace(dy), BACKWARD_ROWS)
 }
 
 /// Rows per block of the backward pass.
 pub(crate) const BACKWARD_ROWS: usize = 256;
 
-fn linear_relu_backward_rows(
+/// Where the backward reads `dy` and writes `dx`.
+enum BackwardIo<'a> {
+    /// `dy` is read; `dx` is allocated when asked for.
+    Read { dy: &'a [f32], need_dx: bool },
+    /// `dy` [m, n] (k == n, no group) is overwritten by `dx`.
+    InPlace(&'a mut [f32]),
+}
+
+fn linear_relu_backward_io(
     x: &[f32],
     w: &[f32],
     y: &[f32],
-    dy: &[f32],
     s: LinearShape,
-    need_dx: bool,
+    io: BackwardIo<'_>,
     block_rows: usize,
 ) -> LinearGrads {
     let LinearShape { m, k, n, group } = s;
@@ -243,18 +267,30 @@ fn linear_relu_backward_rows(
         Some(g) => m / g,
         None => m,
     };
+    let dy_len = match &io {
+        BackwardIo::Read { dy, .. } => dy.len(),
+        BackwardIo::InPlace(dy) => dy.len(),
+    };
     assert!(
-        x.len() == m * k && w.len() == k * n && y.len() == m * n && dy.len() == dy_rows * n,
+        x.len() == m * k && w.len() == k * n && y.len() == m * n && dy_len == dy_rows * n,
         "linear_relu backward: bad sizes"
     );
-    let mut dx = vec![0.0f32; if need_dx { m * k } else { 0 }];
     let zeros = || (vec![0.0f32; k * n], vec![0.0f32; n], Vec::<f32>::new());
     if m == 0 || n == 0 {
         let (dw, db, _) = zeros();
+        let dx = match io {
+            BackwardIo::Read { need_dx: true, .. } => vec![0.0; m * k],
+            _ => Vec::new(),
+        };
         return LinearGrads { dx, dw, db };
     }
-    // One block: mask, db, dW += x_b^T dz, dx_b = dz W^T.
-    let block = |bi: usize, dxb: Option<&mut [f32]>, acc: &mut (Vec<f32>, Vec<f32>, Vec<f32>)| {
+    // One block: dz = mask * dy, db += colsum dz, dW += x_b^T dz,
+    // dx_b = dz W^T. `shared` is the read-only dy; `chunk` is either this
+    // block's rows of dy (in place: read, then overwritten by dx) or of dx.
+    let block = |bi: usize,
+                 shared: Option<&[f32]>,
+                 chunk: Option<&mut [f32]>,
+                 acc: &mut (Vec<f32>, Vec<f32>, Vec<f32>)| {
         let (dw, db, dz) = acc;
         let r0 = bi * block_rows;
         let rows = block_rows.min(m - r0);
@@ -262,16 +298,19 @@ fn linear_relu_backward_rows(
         dz.resize(rows * n, 0.0);
         for (r, dzr) in dz.chunks_exact_mut(n).enumerate() {
             let row = r0 + r;
-            let src = match group {
-                Some(g) => row / g,
-                None => row,
+            let gr = match (shared, &chunk) {
+                (Some(dy), _) => {
+                    let src = group.map_or(row, |g| row / g);
+                    &dy[src * n..(src + 1) * n]
+                }
+                (None, Some(c)) => &c[r * n..(r + 1) * n],
+                (None, None) => unreachable!("a block reads dy from somewhere"),
             };
-            let gr = &dy[src * n..(src + 1) * n];
             let yr = &y[row * n..(row + 1) * n];
-            for c in 0..n {
-                let g = if yr[c] > 0.0 { gr[c] } else { 0.0 };
-                dzr[c] = g;
-                db[c] += g;
+            for (((dz, db), &y), &g) in dzr.iter_mut().zip(db.iter_mut()).zip(yr).zip(gr) {
+                let g = if y > 0.0 { g } else { 0.0 };
+                *dz = g;
+                *db += g;
             }
         }
         if k == 0 {
@@ -293,7 +332,7 @@ fn linear_relu_backward_rows(
             true,
             1,
         );
-        if let Some(dxb) = dxb {
+        if let Some(dxb) = chunk {
             // W^T: element (l, j) = w[j * n + l].
             sgemm(
                 rows,
@@ -326,24 +365,41 @@ fn linear_relu_backward_rows(
         (dw, db)
     };
     let nblocks = m.div_ceil(block_rows);
-    let (dw, db) = if need_dx && k > 0 {
-        dx.par_chunks_mut(block_rows * k)
+    let mut dx = Vec::new();
+    let (dw, db) = match io {
+        BackwardIo::InPlace(dy) => dy
+            .par_chunks_mut(block_rows * n)
             .enumerate()
-            .fold(zeros, |mut acc, (bi, dxb)| {
-                block(bi, Some(dxb), &mut acc);
+            .fold(zeros, |mut acc, (bi, chunk)| {
+                block(bi, None, Some(chunk), &mut acc);
                 acc
             })
             .map(|(dw, db, _)| (dw, db))
-            .reduce(init, add)
-    } else {
-        (0..nblocks)
-            .into_par_iter()
-            .fold(zeros, |mut acc, bi| {
-                block(bi, None, &mut acc);
-                acc
-            })
-            .map(|(dw, db, _)| (dw, db))
-            .reduce(init, add)
+            .reduce(init, add),
+        BackwardIo::Read { dy, need_dx } if need_dx && k > 0 => {
+            dx = vec![0.0f32; m * k];
+            dx.par_chunks_mut(block_rows * k)
+                .enumerate()
+                .fold(zeros, |mut acc, (bi, dxb)| {
+                    block(bi, Some(dy), Some(dxb), &mut acc);
+                    acc
+                })
+                .map(|(dw, db, _)| (dw, db))
+                .reduce(init, add)
+        }
+        BackwardIo::Read { dy, need_dx } => {
+            if need_dx {
+                dx = vec![0.0f32; m * k];
+            }
+            (0..nblocks)
+                .into_par_iter()
+                .fold(zeros, |mut acc, bi| {
+                    block(bi, Some(dy), None, &mut acc);
+                    acc
+                })
+                .map(|(dw, db, _)| (dw, db))
+                .reduce(init, add)
+        }
     };
     LinearGrads { dx, dw, db }
 }
@@ -450,6 +506,7 @@ pub fn linear_relu_reference(x: Tensor<2>, linear: &Linear, group: Option<usize>
 mod flex {
     use std::borrow::Cow;
 
+    use burn::backend::autodiff::NodeId;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::autodiff::grads::Gradients;
@@ -459,8 +516,8 @@ mod flex {
     use burn::tensor::{Tensor, TensorData};
 
     use super::{
-        LinearShape, linear_relu_backward, linear_relu_forward, pair_relu_backward,
-        pair_relu_forward,
+        LinearGrads, LinearShape, linear_relu_backward, linear_relu_backward_in_place,
+        linear_relu_forward, pair_relu_backward, pair_relu_forward,
     };
 
     type Ad = Autodiff<Flex>;
@@ -613,22 +670,54 @@ mod flex {
             _checkpointer: &mut Checkpointer,
         ) {
             let [px, pw, pb] = ops.parents;
-            let dy = grads.consume::<Flex>(&ops.node);
+            let mut dy = grads.consume::<Flex>(&ops.node);
             let LinearReluState { x, w, y, shape: s } = ops.state;
+            // A square hidden layer writes dx over its own gradient when
+            // that buffer is ours alone.
+            if px.is_some() && s.k == s.n && s.group.is_none() && dy.layout().start_offset() == 0 {
+                let (Some(x), Some(w), Some(y)) = (host(&x), host(&w), host(&y)) else {
+                    unreachable!("linear_relu: f32 tensors were checked in the forward pass")
+                };
+                let len = s.m * s.n;
+                if let Some(buf) = dy
+                    .is_contiguous()
+                    .then(|| dy.try_storage_mut::<f32>())
+                    .flatten()
+                    .filter(|b| b.len() >= len)
+                {
+                    let g = linear_relu_backward_in_place(&x, &w, &y, &mut buf[..len], s);
+                    if let Some(node) = px {
+                        grads.register::<Flex>(node.id, dy);
+                    }
+                    register_params(grads, pw.map(|p| p.id), pb.map(|p| p.id), g, s);
+                    return;
+                }
+            }
             let (Some(x), Some(w), Some(y), Some(dy)) = (host(&x), host(&w), host(&y), host(&dy))
             else {
                 unreachable!("linear_relu: f32 tensors were checked in the forward pass")
             };
-            let g = linear_relu_backward(&x, &w, &y, &dy, s, px.is_some());
+            let mut g = linear_relu_backward(&x, &w, &y, &dy, s, px.is_some());
             if let Some(node) = px {
-                grads.register::<Flex>(node.id, tensor(g.dx, vec![s.m, s.k]));
+                let dx = std::mem::take(&mut g.dx);
+                grads.register::<Flex>(node.id, tensor(dx, vec![s.m, s.k]));
             }
-            if let Some(node) = pw {
-                grads.register::<Flex>(node.id, tensor(g.dw, vec![s.k, s.n]));
-            }
-            if let Some(node) = pb {
-                grads.register::<Flex>(node.id, tensor(g.db, vec![s.n]));
-            }
+            register_params(grads, pw.map(|p| p.id), pb.map(|p| p.id), g, s);
+        }
+    }
+
+    fn register_params(
+        grads: &mut Gradients,
+        pw: Option<NodeId>,
+        pb: Option<NodeId>,
+        g: LinearGrads,
+        s: LinearShape,
+    ) {
+        if let Some(id) = pw {
+            grads.register::<Flex>(id, tensor(g.dw, vec![s.k, s.n]));
+        }
+        if let Some(id) = pb {
+            grads.register::<Flex>(id, tensor(g.db, vec![s.n]));
         }
     }
 
@@ -753,6 +842,8 @@ mod tests {
         for (i, &(m, k, n, group)) in [
             (300, 7, 5, None),
             (300, 7, 5, Some(25)),
+            (300, 6, 6, None),
+            (BACKWARD_ROWS * 2 + 3, 16, 16, None),
             (BLOCK_ROWS * 2 + 3, 16, 9, Some(BLOCK_ROWS * 2 + 3)),
             (1, 3, 4, None),
             (1, 3, 4, Some(1)),
@@ -782,10 +873,16 @@ mod tests {
             let g2 = linear_relu_backward(&x, &w, &y, &dy, s, false);
             assert!(g2.dx.is_empty());
             assert_eq!(
-                (g2.dw, g2.db),
-                (g.dw, g.db),
+                (&g2.dw, &g2.db),
+                (&g.dw, &g.db),
                 "dW and db do not depend on dx"
             );
+            if k == n && group.is_none() {
+                let mut buf = dy.clone();
+                let g3 = linear_relu_backward_in_place(&x, &w, &y, &mut buf, s);
+                assert_eq!(buf, g.dx, "in place: dx over dy");
+                assert_eq!((g3.dw, g3.db), (g.dw, g.db), "in place: dW, db");
+            }
         }
     }
 
