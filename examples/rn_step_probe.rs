@@ -148,11 +148,11 @@ fn main() {
         hidden.grad(&grads).unwrap().sum().into_scalar::<f32>()
     });
     let fused = median(|| {
-        let y = moevqa::kernels::relate::linear_relu(hidden.clone(), layer);
+        let y = moevqa::fused::relate::linear_relu(hidden.clone(), layer);
         let grads = y.sum().backward();
         hidden.grad(&grads).unwrap().sum().into_scalar::<f32>()
     });
-    println!("fused linear_relu (moevqa::kernels::relate) fwd+bwd {fused:.1} ms");
+    println!("fused linear_relu (moevqa::fused::relate) fwd+bwd {fused:.1} ms");
     let plain = Tensor::<2>::random(
         [rows, g],
         Distribution::Uniform(0.0, 1.0),

@@ -15,6 +15,7 @@ pub mod cnn;
 pub mod data;
 pub mod error;
 pub mod flops;
+pub mod fused;
 pub mod kernels;
 pub mod metrics;
 pub mod models;

@@ -242,7 +242,7 @@ impl ModularResNeXt {
         };
         let mut x = self.stem.forward(images);
         if let Some(pool) = &self.pool {
-            x = pool.forward(x);
+            x = crate::fused::maxpool::max_pool(x, pool);
         }
         let mut all_gates = Vec::with_capacity(self.gates.len());
         for (i, block) in self.blocks.iter().enumerate() {

@@ -8,8 +8,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::conv3x3::{Geom, Isa, OutTile, PathJob, finish_out, run_path};
-use super::matmul::{View, sgemm};
 use crate::error::{MoeError, Result as MoeResult};
+use crate::fused::matmul::{View, sgemm};
 use crate::moe::block::bn_affine;
 use crate::moe::{Bottleneck, Gates};
 

@@ -6,8 +6,8 @@
 
 use super::block::host_vec;
 use super::conv3x3::Isa;
-use super::matmul::{View, sgemm};
 use crate::error::{MoeError, Result as MoeResult};
+use crate::fused::matmul::{View, sgemm};
 use crate::moe::GateController;
 
 /// tanh as Eigen's float rational approximation (odd 13/6 polynomial

@@ -43,14 +43,14 @@
 //!
 //! Scope: eval mode only (BN with running statistics, no autodiff). Training
 //! keeps the Burn path ([`crate::moe::Bottleneck::forward_dense`] on an
-//! autodiff device); there is no backward pass here.
+//! autodiff device); there is no backward pass here. The training ops with
+//! their own backward (the RN's g, the stem's max pool) are in
+//! [`crate::fused`].
 
 mod block;
 mod cnn;
 mod conv3x3;
 mod gate;
-mod matmul;
-pub mod relate;
 mod stem;
 
 use std::str::FromStr;

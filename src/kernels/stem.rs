@@ -8,9 +8,9 @@ use burn::nn::pool::MaxPool2d;
 
 use super::block::host_vec;
 use super::conv3x3::{Isa, OutTile, finish_out, multiversion};
-use super::matmul::{View, sgemm};
 use crate::cnn::ConvBn;
 use crate::error::{MoeError, Result as MoeResult};
+use crate::fused::matmul::{View, sgemm};
 use crate::moe::block::bn_affine;
 
 /// Symmetric padding of a Burn padding config, if it is one.

@@ -23,7 +23,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::GatedVqaModel;
 use crate::cnn::{CnnLayout, CnnOutput, ModularResNeXt};
 use crate::error::{MoeError, Result as MoeResult};
-use crate::kernels::relate::{linear_relu, linear_relu_sum, pair_relu};
+use crate::fused::relate::{linear_relu, linear_relu_sum, pair_relu};
 use crate::moe::Gates;
 
 /// Configuration of the Relation Network.

@@ -29,11 +29,12 @@
 //! values and gradients with those plain ops is tested below.
 
 use burn::nn::Linear;
+use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
-use burn::tensor::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{View, sgemm};
+use super::{Route, route};
 
 /// Rows per block: a block of `x` and of `dz` (256 columns) is 128 KiB
 /// each, so a block's GEMM and epilogue stay in the core's L2.
@@ -404,39 +405,6 @@ fn linear_relu_backward_io(
     LinearGrads { dx, dw, db }
 }
 
-/// Where an op runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    /// Plain Burn ops (any device; the reference).
-    Reference,
-    /// The forward kernels on the Flex device.
-    #[cfg(feature = "flex")]
-    Flex,
-    /// The kernels with their own backward on Flex with autodiff.
-    #[cfg(feature = "flex")]
-    FlexAutodiff,
-}
-
-fn route(device: &Device, dtypes: &[DType]) -> Route {
-    #[cfg(feature = "flex")]
-    if dtypes.iter().all(|d| *d == DType::F32) {
-        // Device equality ignores autodiff, so ask about it first.
-        let flex = device.clone().inner() == Device::flex();
-        if flex && !device.is_autodiff() {
-            return Route::Flex;
-        }
-        // Gradient checkpointing would need a recompute rule: not provided.
-        if flex
-            && device.gradient_checkpointing_strategy()
-                == Some(burn::backend::GradientCheckpointingStrategy::Disabled)
-        {
-            return Route::FlexAutodiff;
-        }
-    }
-    let _ = (device, dtypes);
-    Route::Reference
-}
-
 /// `relu(u[:, i] + v[:, j])` for every ordered pair: `u`, `v` [B, D, H] ->
 /// [B, D * D, H] (row `i * D + j` of a sample is the pair (i, j)).
 pub fn pair_relu(u: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
@@ -504,8 +472,6 @@ pub fn linear_relu_reference(x: Tensor<2>, linear: &Linear, group: Option<usize>
 /// The Flex glue: host slices of `FlexTensor`s, and the autodiff steps.
 #[cfg(feature = "flex")]
 mod flex {
-    use std::borrow::Cow;
-
     use burn::backend::autodiff::NodeId;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -513,34 +479,15 @@ mod flex {
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
     use burn::backend::flex::FlexTensor;
     use burn::backend::{Autodiff, Flex};
-    use burn::tensor::{Tensor, TensorData};
+    use burn::tensor::Tensor;
 
+    use super::super::flex::{dims, host, tensor};
     use super::{
         LinearGrads, LinearShape, linear_relu_backward, linear_relu_backward_in_place,
         linear_relu_forward, pair_relu_backward, pair_relu_forward,
     };
 
     type Ad = Autodiff<Flex>;
-
-    /// The tensor's values in row-major order (borrowed when contiguous).
-    fn host(t: &FlexTensor) -> Option<Cow<'_, [f32]>> {
-        if let Some(s) = t.as_slice::<f32>() {
-            return Some(Cow::Borrowed(s));
-        }
-        t.to_contiguous()
-            .into_data()
-            .try_into_vec::<f32>()
-            .ok()
-            .map(Cow::Owned)
-    }
-
-    fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-        FlexTensor::from_data(TensorData::new(values, shape))
-    }
-
-    fn dims(t: &FlexTensor) -> Vec<usize> {
-        t.layout().shape().to_vec()
-    }
 
     pub(super) fn pair_relu(u: Tensor<3>, v: Tensor<3>) -> Option<Tensor<3>> {
         let [b, d, h] = u.dims();
@@ -758,7 +705,7 @@ mod flex {
 mod tests {
     use burn::module::Module;
     use burn::nn::LinearConfig;
-    use burn::tensor::Distribution;
+    use burn::tensor::{DType, Device, Distribution};
 
     use super::*;
 
