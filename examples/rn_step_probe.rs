@@ -79,7 +79,7 @@ fn main() {
     let stem_pool = |images: Tensor<4>| {
         let x = model.cnn.stem.forward(images);
         match &model.cnn.pool {
-            Some(pool) => pool.forward(x),
+            Some(pool) => moevqa::fused::maxpool::max_pool(x, pool),
             None => x,
         }
     };
@@ -99,7 +99,7 @@ fn main() {
         .detach()
         .require_grad();
     let pool = median(|| {
-        let x = model.cnn.pool.as_ref().unwrap().forward(pool_in.clone());
+        let x = moevqa::fused::maxpool::max_pool(pool_in.clone(), model.cnn.pool.as_ref().unwrap());
         backward_to(x, &pool_in)
     });
     println!("stem conv {stem_conv:.1}, conv+bn+relu {stem_bn:.1}, pool {pool:.1}");

@@ -6,7 +6,7 @@
 //! training step. On Burn's Flex backend each hidden layer is a matmul at
 //! about 109 GFLOP/s on two threads, then separate passes for the bias,
 //! the ReLU, their backward and the sum over pairs. Here every layer is
-//! one pass over blocks of [`BLOCK_ROWS`] rows, in parallel, each block a
+//! one pass over blocks of `BLOCK_ROWS` rows, in parallel, each block a
 //! single-threaded `gemm` followed at once by its epilogue while it is in
 //! cache:
 //!
