@@ -25,14 +25,30 @@ pub(crate) struct PoolShape {
     pub p: usize,
 }
 
+/// Symmetric padding of a Burn padding config, if it is one.
+pub(crate) fn symmetric(p: &PaddingConfig2d) -> Option<usize> {
+    match *p {
+        PaddingConfig2d::Valid => Some(0),
+        PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => Some(t),
+        _ => None,
+    }
+}
+
+/// Output size of a window of `k` at stride `s` over `n + 2p` values.
+fn out_len(n: usize, k: usize, s: usize, p: usize) -> Option<usize> {
+    (n + 2 * p).checked_sub(k).map(|v| v / s + 1)
+}
+
+/// Output map of a square window (kernel k, stride s, padding p) over h x w.
+pub(crate) fn out_hw(h: usize, w: usize, k: usize, s: usize, p: usize) -> Option<(usize, usize)> {
+    Some((out_len(h, k, s, p)?, out_len(w, k, s, p)?))
+}
+
 impl PoolShape {
-    /// The pool's shape if it is one this op handles.
-    fn of(pool: &MaxPool2d) -> Option<PoolShape> {
-        let p = match pool.padding {
-            PaddingConfig2d::Valid => 0,
-            PaddingConfig2d::Explicit(a, b, c, d) if a == b && b == c && c == d => a,
-            _ => return None,
-        };
+    /// The pool's shape if it is a square max pool without dilation or ceil
+    /// mode, with symmetric padding smaller than the kernel.
+    pub(crate) fn of(pool: &MaxPool2d) -> Option<PoolShape> {
+        let p = symmetric(&pool.padding)?;
         let [k, k2] = pool.kernel_size;
         let [s, s2] = pool.stride;
         (k == k2 && s == s2 && s > 0 && k > p && pool.dilation == [1, 1] && !pool.ceil_mode)
@@ -41,8 +57,7 @@ impl PoolShape {
 
     /// Output height and width for an input of `h` x `w`.
     pub fn out(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        let o = |x: usize| (x + 2 * self.p).checked_sub(self.k).map(|v| v / self.s + 1);
-        Some((o(h)?, o(w)?))
+        out_hw(h, w, self.k, self.s, self.p)
     }
 }
 
@@ -137,13 +152,12 @@ mod flex {
     use std::sync::Arc;
 
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
-    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::autodiff::grads::Gradients;
-    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::backend::autodiff::ops::{Backward, Ops};
     use burn::backend::{Autodiff, Flex};
     use burn::tensor::Tensor;
 
-    use super::super::flex::{host, tensor};
+    use super::super::flex::{host, record, tensor};
     use super::{PoolShape, max_pool_backward, max_pool_forward};
 
     type Ad = Autodiff<Flex>;
@@ -188,23 +202,11 @@ mod flex {
         let x = x.try_into_primitive::<Ad>().ok()?;
         let (out, idx) = max_pool_forward(&host(x.primitive())?, n * c, h, w, ps);
         let out = tensor(out, vec![n, c, h2, w2]);
-        let out = match <MaxPoolBackward as Backward<Flex, 1>>::prepare::<NoCheckpointing>(
-            MaxPoolBackward,
-            [x.node()],
-        )
-        .compute_bound()
-        .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(
-                MaxPoolState {
-                    idx: Arc::new(idx),
-                    dims: [n, c, h, w],
-                },
-                out,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(out),
+        let state = MaxPoolState {
+            idx: Arc::new(idx),
+            dims: [n, c, h, w],
         };
-        Some(Tensor::from_primitive::<Ad>(out))
+        Some(record(MaxPoolBackward, [x.node()], state, out))
     }
 }
 

@@ -53,8 +53,11 @@ pub(crate) fn route(device: &Device, dtypes: &[DType]) -> Route {
 pub(crate) mod flex {
     use std::borrow::Cow;
 
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn::backend::autodiff::ops::{Backward, NodeGuard, OpsKind};
     use burn::backend::flex::FlexTensor;
-    use burn::tensor::TensorData;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Tensor, TensorData};
 
     /// The tensor's values in row-major order (borrowed when contiguous).
     pub(crate) fn host(t: &FlexTensor) -> Option<Cow<'_, [f32]>> {
@@ -76,5 +79,28 @@ pub(crate) mod flex {
     /// Its shape.
     pub(crate) fn dims(t: &FlexTensor) -> Vec<usize> {
         t.layout().shape().to_vec()
+    }
+
+    /// `out` as the output of the autodiff step `op` over the inputs
+    /// behind `nodes`; `state` is kept for the backward pass only when some
+    /// input wants a gradient.
+    pub(crate) fn record<BO, const N: usize, const D: usize>(
+        op: BO,
+        nodes: [NodeGuard; N],
+        state: BO::State,
+        out: FlexTensor,
+    ) -> Tensor<D>
+    where
+        BO: Backward<Flex, N>,
+    {
+        let out = match op
+            .prepare::<NoCheckpointing>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(state, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive::<Autodiff<Flex>>(out)
     }
 }

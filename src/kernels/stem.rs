@@ -3,7 +3,6 @@
 //! Burn's Flex conv and pool run these at a few GFLOP/s and dominated the
 //! small CLEVR network.
 
-use burn::nn::PaddingConfig2d;
 use burn::nn::pool::MaxPool2d;
 
 use super::block::host_vec;
@@ -11,26 +10,8 @@ use super::conv3x3::{Isa, OutTile, finish_out, multiversion};
 use crate::cnn::ConvBn;
 use crate::error::{MoeError, Result as MoeResult};
 use crate::fused::matmul::{View, sgemm};
+use crate::fused::maxpool::{PoolShape, out_hw, symmetric};
 use crate::moe::block::bn_affine;
-
-/// Symmetric padding of a Burn padding config, if it is one.
-fn symmetric(p: &PaddingConfig2d) -> Option<usize> {
-    match *p {
-        PaddingConfig2d::Valid => Some(0),
-        PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => Some(t),
-        _ => None,
-    }
-}
-
-/// Output size of a window of `k` at stride `s` over `n + 2p` values.
-fn out_len(n: usize, k: usize, s: usize, p: usize) -> Option<usize> {
-    (n + 2 * p).checked_sub(k).map(|v| v / s + 1)
-}
-
-/// Output map of a square window (kernel k, stride s, padding p) over h x w.
-fn out_hw(h: usize, w: usize, k: usize, s: usize, p: usize) -> Option<(usize, usize)> {
-    Some((out_len(h, k, s, p)?, out_len(w, k, s, p)?))
-}
 
 /// A square conv (groups 1, dilation 1, symmetric padding) with its eval BN
 /// folded in, followed by ReLU.
@@ -187,23 +168,9 @@ pub(crate) struct PackedPool {
 
 impl PackedPool {
     pub fn from_pool(pool: &MaxPool2d) -> MoeResult<PackedPool> {
-        let pad = symmetric(&pool.padding);
-        match pad {
-            Some(p)
-                if pool.kernel_size[0] == pool.kernel_size[1]
-                    && pool.stride[0] == pool.stride[1]
-                    && pool.stride[0] > 0
-                    && pool.kernel_size[0] > p
-                    && pool.dilation == [1, 1]
-                    && !pool.ceil_mode =>
-            {
-                Ok(PackedPool {
-                    k: pool.kernel_size[0],
-                    s: pool.stride[0],
-                    p,
-                })
-            }
-            _ => Err(MoeError::config(
+        match PoolShape::of(pool) {
+            Some(PoolShape { k, s, p }) => Ok(PackedPool { k, s, p }),
+            None => Err(MoeError::config(
                 "CNN pool",
                 "the packed CNN needs a square max pool without dilation or ceil mode, with symmetric padding smaller than the kernel",
             )),
@@ -393,9 +360,9 @@ multiversion! {
 mod tests {
     use super::*;
     use crate::bench::max_rel_diff;
-    use burn::nn::BatchNormConfig;
     use burn::nn::conv::Conv2dConfig;
     use burn::nn::pool::MaxPool2dConfig;
+    use burn::nn::{BatchNormConfig, PaddingConfig2d};
     use burn::tensor::{Device, Distribution, Tensor, TensorData};
 
     /// Stem-like convs (7x7/2, 3x3/2, 1x1) and the 3x3/2 max pool against
