@@ -247,6 +247,10 @@ pub(crate) fn linear_relu_backward_in_place(
 /// Rows per block of the backward pass.
 pub(crate) const BACKWARD_ROWS: usize = 256;
 
+/// Runs of blocks whose dW and db are summed separately (a fixed count, so
+/// the summation order never depends on the machine).
+const PARTIAL_SUMS: usize = 16;
+
 /// Where the backward reads `dy` and writes `dx`.
 enum BackwardIo<'a> {
     /// `dy` is read; `dx` is allocated when asked for.
@@ -366,42 +370,44 @@ fn linear_relu_backward_io(
         (dw, db)
     };
     let nblocks = m.div_ceil(block_rows);
-    let mut dx = Vec::new();
-    let (dw, db) = match io {
-        BackwardIo::InPlace(dy) => dy
-            .par_chunks_mut(block_rows * n)
-            .enumerate()
-            .fold(zeros, |mut acc, (bi, chunk)| {
-                block(bi, None, Some(chunk), &mut acc);
-                acc
-            })
-            .map(|(dw, db, _)| (dw, db))
-            .reduce(init, add),
-        BackwardIo::Read { dy, need_dx } if need_dx && k > 0 => {
-            dx = vec![0.0f32; m * k];
-            dx.par_chunks_mut(block_rows * k)
-                .enumerate()
-                .fold(zeros, |mut acc, (bi, dxb)| {
-                    block(bi, Some(dy), Some(dxb), &mut acc);
-                    acc
-                })
-                .map(|(dw, db, _)| (dw, db))
-                .reduce(init, add)
-        }
-        BackwardIo::Read { dy, need_dx } => {
-            if need_dx {
-                dx = vec![0.0f32; m * k];
-            }
-            (0..nblocks)
-                .into_par_iter()
-                .fold(zeros, |mut acc, bi| {
-                    block(bi, Some(dy), None, &mut acc);
-                    acc
-                })
-                .map(|(dw, db, _)| (dw, db))
-                .reduce(init, add)
-        }
+    let mut dx = match io {
+        BackwardIo::Read { need_dx: true, .. } => vec![0.0f32; m * k],
+        _ => Vec::new(),
     };
+    // Each block reads dy from `shared`, or in place from its own chunk of
+    // `target`, which receives dx (k == n in place, so chunks agree).
+    let (shared, target) = match io {
+        BackwardIo::InPlace(dy) => (None, Some(dy)),
+        BackwardIo::Read { dy, .. } => (Some(dy), (!dx.is_empty()).then_some(dx.as_mut_slice())),
+    };
+    // dW and db are summed per fixed run of blocks, then the runs in
+    // order: the same bits whatever the threads' scheduling (same seed,
+    // same result).
+    let per = nblocks.div_ceil(PARTIAL_SUMS);
+    let run = |ri: usize, mut chunks: Option<&mut [f32]>| {
+        let mut acc = zeros();
+        for bi in ri * per..((ri + 1) * per).min(nblocks) {
+            let chunk = chunks.as_mut().map(|c| {
+                let start = (bi - ri * per) * block_rows * k;
+                let end = (start + block_rows * k).min(c.len());
+                &mut c[start..end]
+            });
+            block(bi, shared, chunk, &mut acc);
+        }
+        (acc.0, acc.1)
+    };
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = match target {
+        Some(buf) => buf
+            .par_chunks_mut(per * block_rows * k)
+            .enumerate()
+            .map(|(ri, part)| run(ri, Some(part)))
+            .collect(),
+        None => (0..nblocks.div_ceil(per))
+            .into_par_iter()
+            .map(|ri| run(ri, None))
+            .collect(),
+    };
+    let (dw, db) = partials.into_iter().fold(init(), add);
     LinearGrads { dx, dw, db }
 }
 
@@ -472,19 +478,17 @@ pub fn linear_relu_reference(x: Tensor<2>, linear: &Linear, group: Option<usize>
 /// The Flex glue: host slices of `FlexTensor`s, and the autodiff steps.
 #[cfg(feature = "flex")]
 mod flex {
-    use burn::backend::autodiff::NodeId;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
-    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::autodiff::grads::Gradients;
-    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::backend::autodiff::ops::{Backward, Ops};
     use burn::backend::flex::FlexTensor;
     use burn::backend::{Autodiff, Flex};
     use burn::tensor::Tensor;
 
-    use super::super::flex::{dims, host, tensor};
+    use super::super::flex::{dims, host, record, tensor};
     use super::{
-        LinearGrads, LinearShape, linear_relu_backward, linear_relu_backward_in_place,
-        linear_relu_forward, pair_relu_backward, pair_relu_forward,
+        LinearShape, linear_relu_backward, linear_relu_backward_in_place, linear_relu_forward,
+        pair_relu_backward, pair_relu_forward,
     };
 
     type Ad = Autodiff<Flex>;
@@ -537,23 +541,11 @@ mod flex {
         let v = v.try_into_primitive::<Ad>().ok()?;
         let y = pair_relu_forward(&host(u.primitive())?, &host(v.primitive())?, b, d, h);
         let y = tensor(y, vec![b, d * d, h]);
-        let out = match <PairReluBackward as Backward<Flex, 2>>::prepare::<NoCheckpointing>(
-            PairReluBackward,
-            [u.node(), v.node()],
-        )
-        .compute_bound()
-        .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(
-                PairReluState {
-                    y: y.clone(),
-                    dims: [b, d, h],
-                },
-                y,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(y),
+        let state = PairReluState {
+            y: y.clone(),
+            dims: [b, d, h],
         };
-        Some(Tensor::from_primitive::<Ad>(out))
+        Some(record(PairReluBackward, [u.node(), v.node()], state, y))
     }
 
     fn shape(x: &FlexTensor, w: &FlexTensor, group: Option<usize>) -> Option<LinearShape> {
@@ -619,52 +611,44 @@ mod flex {
             let [px, pw, pb] = ops.parents;
             let mut dy = grads.consume::<Flex>(&ops.node);
             let LinearReluState { x, w, y, shape: s } = ops.state;
-            // A square hidden layer writes dx over its own gradient when
-            // that buffer is ours alone.
-            if px.is_some() && s.k == s.n && s.group.is_none() && dy.layout().start_offset() == 0 {
-                let (Some(x), Some(w), Some(y)) = (host(&x), host(&w), host(&y)) else {
-                    unreachable!("linear_relu: f32 tensors were checked in the forward pass")
-                };
-                let len = s.m * s.n;
-                if let Some(buf) = dy
-                    .is_contiguous()
-                    .then(|| dy.try_storage_mut::<f32>())
-                    .flatten()
-                    .filter(|b| b.len() >= len)
-                {
-                    let g = linear_relu_backward_in_place(&x, &w, &y, &mut buf[..len], s);
-                    if let Some(node) = px {
-                        grads.register::<Flex>(node.id, dy);
-                    }
-                    register_params(grads, pw.map(|p| p.id), pb.map(|p| p.id), g, s);
-                    return;
-                }
-            }
-            let (Some(x), Some(w), Some(y), Some(dy)) = (host(&x), host(&w), host(&y), host(&dy))
-            else {
+            let (Some(x), Some(w), Some(y)) = (host(&x), host(&w), host(&y)) else {
                 unreachable!("linear_relu: f32 tensors were checked in the forward pass")
             };
-            let mut g = linear_relu_backward(&x, &w, &y, &dy, s, px.is_some());
-            if let Some(node) = px {
-                let dx = std::mem::take(&mut g.dx);
-                grads.register::<Flex>(node.id, tensor(dx, vec![s.m, s.k]));
+            // A square hidden layer writes dx over its own gradient when
+            // that buffer is ours alone.
+            let len = s.m * s.n;
+            let in_place = px.is_some()
+                && s.k == s.n
+                && s.group.is_none()
+                && dy.is_contiguous()
+                && dy.layout().start_offset() == 0;
+            let buf = in_place
+                .then(|| dy.try_storage_mut::<f32>())
+                .flatten()
+                .filter(|b| b.len() >= len);
+            let (g, dx) = match buf {
+                Some(buf) => (
+                    linear_relu_backward_in_place(&x, &w, &y, &mut buf[..len], s),
+                    Some(dy),
+                ),
+                None => {
+                    let Some(dy) = host(&dy) else {
+                        unreachable!("linear_relu: f32 tensors were checked in the forward pass")
+                    };
+                    let mut g = linear_relu_backward(&x, &w, &y, &dy, s, px.is_some());
+                    let dx = std::mem::take(&mut g.dx);
+                    (g, px.is_some().then(|| tensor(dx, vec![s.m, s.k])))
+                }
+            };
+            if let (Some(node), Some(dx)) = (px, dx) {
+                grads.register::<Flex>(node.id, dx);
             }
-            register_params(grads, pw.map(|p| p.id), pb.map(|p| p.id), g, s);
-        }
-    }
-
-    fn register_params(
-        grads: &mut Gradients,
-        pw: Option<NodeId>,
-        pb: Option<NodeId>,
-        g: LinearGrads,
-        s: LinearShape,
-    ) {
-        if let Some(id) = pw {
-            grads.register::<Flex>(id, tensor(g.dw, vec![s.k, s.n]));
-        }
-        if let Some(id) = pb {
-            grads.register::<Flex>(id, tensor(g.db, vec![s.n]));
+            if let Some(node) = pw {
+                grads.register::<Flex>(node.id, tensor(g.dw, vec![s.k, s.n]));
+            }
+            if let Some(node) = pb {
+                grads.register::<Flex>(node.id, tensor(g.db, vec![s.n]));
+            }
         }
     }
 
@@ -679,25 +663,18 @@ mod flex {
         let b = b.try_into_primitive::<Ad>().ok()?;
         let s = shape(x.primitive(), w.primitive(), group)?;
         let (y, out) = forward(x.primitive(), w.primitive(), b.primitive(), s)?;
-        let out = match <LinearReluBackward as Backward<Flex, 3>>::prepare::<NoCheckpointing>(
+        let state = LinearReluState {
+            x: x.primitive().clone(),
+            w: w.primitive().clone(),
+            y,
+            shape: s,
+        };
+        Some(record(
             LinearReluBackward,
             [x.node(), w.node(), b.node()],
-        )
-        .compute_bound()
-        .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(
-                LinearReluState {
-                    x: x.primitive().clone(),
-                    w: w.primitive().clone(),
-                    y,
-                    shape: s,
-                },
-                out,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        };
-        Some(Tensor::from_primitive::<Ad>(out))
+            state,
+            out,
+        ))
     }
 }
 
@@ -791,6 +768,7 @@ mod tests {
             (300, 7, 5, Some(25)),
             (300, 6, 6, None),
             (BACKWARD_ROWS * 2 + 3, 16, 16, None),
+            (BACKWARD_ROWS * 40 + 7, 8, 8, Some(BACKWARD_ROWS * 40 + 7)),
             (BLOCK_ROWS * 2 + 3, 16, 9, Some(BLOCK_ROWS * 2 + 3)),
             (1, 3, 4, None),
             (1, 3, 4, Some(1)),
@@ -824,6 +802,10 @@ mod tests {
                 (&g.dw, &g.db),
                 "dW and db do not depend on dx"
             );
+            for _ in 0..3 {
+                let again = linear_relu_backward(&x, &w, &y, &dy, s, true);
+                assert_eq!(again, g, "the same bits on every run");
+            }
             if k == n && group.is_none() {
                 let mut buf = dy.clone();
                 let g3 = linear_relu_backward_in_place(&x, &w, &y, &mut buf, s);
