@@ -11,7 +11,6 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
 use crate::cnn::layout::CnnLayout;
@@ -86,7 +85,7 @@ impl ConvBn {
 
     /// conv, BN, ReLU.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        relu(self.bn.forward(self.conv.forward(x)))
+        crate::fused::batchnorm::batch_norm(self.conv.forward(x), &self.bn, None, true)
     }
 }
 

@@ -216,19 +216,13 @@ mod tests {
     use burn::tensor::{Device, Distribution};
 
     use super::*;
+    use crate::fused::testing::flat;
 
     fn pool(k: usize, s: usize, p: usize) -> MaxPool2d {
         MaxPool2dConfig::new([k, k])
             .with_strides([s, s])
             .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
             .init()
-    }
-
-    fn flat<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .expect("f32")
     }
 
     #[test]

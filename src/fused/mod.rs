@@ -1,14 +1,21 @@
 //! Training ops with their own backward pass on the CPU (Burn's backend
 //! extension API on the Flex device), for the parts of a training step that
-//! Burn's generic ops run slowly: g of the Relation Network
-//! ([`relate`]) and the stem's max pool ([`maxpool`]).
+//! Burn's generic ops run slowly: g of the Relation Network ([`relate`]),
+//! the stem's max pool ([`maxpool`]), batch norm with the ReLU and the
+//! residual add that follow it ([`batchnorm`]) and the gate controllers'
+//! soft attention ([`attention`]).
 //!
 //! Each op takes Burn tensors and routes at run time (`route`): on Flex with
 //! autodiff it registers its own backward step, on Flex without autodiff it
 //! runs its forward kernel (or Burn's op), and on any other device (a GPU)
 //! it runs the same maths as plain Burn ops. Equality of values and
 //! gradients with those plain ops is tested in each module.
+//!
+//! This module depends only on Burn, `gemm` and rayon, so the layers above
+//! it (`moe`, `cnn`, `models`, `kernels`) may all call it.
 
+pub mod attention;
+pub mod batchnorm;
 pub(crate) mod matmul;
 pub mod maxpool;
 pub mod relate;
@@ -26,6 +33,13 @@ pub(crate) enum Route {
     /// The kernels with their own backward on Flex with autodiff.
     #[cfg(feature = "flex")]
     FlexAutodiff,
+}
+
+/// ReLU that keeps NaN (as Burn's `relu` does), so a diverging run is still
+/// caught by the trainer's NaN check.
+#[inline(always)]
+pub(crate) fn relu1(s: f32) -> f32 {
+    if s <= 0.0 { 0.0 } else { s }
 }
 
 pub(crate) fn route(device: &Device, dtypes: &[DType]) -> Route {
@@ -46,6 +60,49 @@ pub(crate) fn route(device: &Device, dtypes: &[DType]) -> Route {
     }
     let _ = (device, dtypes);
     Route::Reference
+}
+
+/// Helpers shared by the ops' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use burn::tensor::Tensor;
+
+    /// A tensor's values as f32.
+    pub(crate) fn flat<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32")
+    }
+
+    /// `got` within `tol` of `want`, relative to the largest |want| (at
+    /// least 1e-3).
+    pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * scale,
+                "{what}[{i}]: {g} against {w} (scale {scale})"
+            );
+        }
+    }
+
+    /// `len` deterministic values in [lo, hi) from a seed (a linear
+    /// congruential generator: no RNG state shared with the code under test).
+    pub(crate) fn values(len: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * (hi - lo) + lo
+            })
+            .collect()
+    }
 }
 
 /// Host views of Flex tensors.

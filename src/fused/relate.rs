@@ -34,18 +34,11 @@ use burn::tensor::activation::relu;
 use rayon::prelude::*;
 
 use super::matmul::{View, sgemm};
-use super::{Route, route};
+use super::{Route, relu1, route};
 
 /// Rows per block: a block of `x` and of `dz` (256 columns) is 128 KiB
 /// each, so a block's GEMM and epilogue stay in the core's L2.
 pub(crate) const BLOCK_ROWS: usize = 128;
-
-/// ReLU that keeps NaN (as Burn's `relu` does), so a diverging run is still
-/// caught by the trainer's NaN check.
-#[inline(always)]
-fn relu1(s: f32) -> f32 {
-    if s <= 0.0 { 0.0 } else { s }
-}
 
 /// `y[b, i, j, :] = relu(u[b, i, :] + v[b, j, :])`; `u`, `v` are [b, d, h],
 /// `y` is [b, d, d, h].
@@ -689,17 +682,7 @@ mod tests {
     /// Deterministic values in [-1, 1) (a plain LCG: the kernels, not the
     /// values, are under test).
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::fused::testing::values(len, seed, -1.0, 1.0)
     }
 
     fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {

@@ -7,42 +7,9 @@
 use super::block::host_vec;
 use super::conv3x3::Isa;
 use crate::error::{MoeError, Result as MoeResult};
+use crate::fused::attention::tanh_fast;
 use crate::fused::matmul::{View, sgemm};
 use crate::moe::GateController;
-
-/// tanh as Eigen's float rational approximation (odd 13/6 polynomial
-/// ratio on [-7.9, 7.9], saturating outside): within a few ulp of libm,
-/// branch-free, so loops over it vectorise.
-#[inline(always)]
-pub(crate) fn tanh_fast(x: f32) -> f32 {
-    const CLAMP: f32 = 7.905_311;
-    const A1: f32 = 4.893_524_6e-3;
-    const A3: f32 = 6.372_619_3e-4;
-    const A5: f32 = 1.485_722_4e-5;
-    const A7: f32 = 5.122_297e-8;
-    const A9: f32 = -8.604_672e-11;
-    const A11: f32 = 2.000_188e-13;
-    const A13: f32 = -2.760_768_5e-16;
-    const B0: f32 = 4.893_525e-3;
-    const B2: f32 = 2.268_434_6e-3;
-    const B4: f32 = 1.185_347_1e-4;
-    const B6: f32 = 1.198_258_4e-6;
-    let x = x.clamp(-CLAMP, CLAMP);
-    let x2 = x * x;
-    let mut p = A13;
-    p = p * x2 + A11;
-    p = p * x2 + A9;
-    p = p * x2 + A7;
-    p = p * x2 + A5;
-    p = p * x2 + A3;
-    p = p * x2 + A1;
-    p *= x;
-    let mut q = B6;
-    q = q * x2 + B4;
-    q = q * x2 + B2;
-    q = q * x2 + B0;
-    p / q
-}
 
 /// scores[d] += w * tanh(h[d] + a) for one hidden unit (row `h`).
 #[inline(always)]
@@ -257,18 +224,6 @@ mod tests {
     use crate::moe::GateControllerConfig;
     use crate::moe::gate::top_k_row;
     use burn::tensor::{Device, Distribution, Tensor};
-
-    #[test]
-    fn tanh_fast_is_within_a_few_ulp() {
-        let mut worst = 0.0f32;
-        for i in -20000..=20000 {
-            let x = i as f32 * 1e-3;
-            worst = worst.max((tanh_fast(x) - x.tanh()).abs());
-        }
-        assert!(worst < 2e-6, "max abs error {worst}");
-        assert_eq!(tanh_fast(100.0), tanh_fast(7.905_311));
-        assert!(tanh_fast(f32::INFINITY) <= 1.0);
-    }
 
     #[test]
     fn packed_gate_matches_burn() {

@@ -10,7 +10,8 @@
 //! The same parameters run two ways:
 //! - [`Bottleneck::forward_dense`]: every path computed, gates of unselected
 //!   paths zeroed. The reference, and the training path (BN in train mode on
-//!   an autodiff device).
+//!   an autodiff device, through [`crate::fused::batchnorm`], which fuses
+//!   each BN with the ReLU or the residual add after it).
 //! - [`Bottleneck::forward_sparse`]: only the k selected paths of each
 //!   sample: the paper's "efficient implementation". The selected rows of the
 //!   reduce weight, the selected groups of the 3x3 and the matching columns of
@@ -30,6 +31,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use crate::error::{MoeError, Result as MoeResult};
+use crate::fused::batchnorm::batch_norm;
 
 /// Configuration of a modular bottleneck block.
 #[derive(Config, Debug)]
@@ -232,13 +234,13 @@ impl Bottleneck {
         Ok(())
     }
 
-    fn residual(&self, x: Tensor<4>, out: Tensor<4>, eval_bn: bool) -> Tensor<4> {
-        let short = match &self.shortcut {
+    /// The shortcut branch: `x`, or its projection.
+    fn shortcut(&self, x: Tensor<4>, eval_bn: bool) -> Tensor<4> {
+        match &self.shortcut {
             Some(sc) if eval_bn => bn_eval(&sc.bn, sc.conv.forward(x)),
-            Some(sc) => sc.bn.forward(sc.conv.forward(x)),
+            Some(sc) => batch_norm(sc.conv.forward(x), &sc.bn, None, false),
             None => x,
-        };
-        relu(out + short)
+        }
     }
 
     /// Dense reference: all P paths; `gates` [N, P] scales each path (pass the
@@ -247,8 +249,8 @@ impl Bottleneck {
     pub fn forward_dense(&self, x: Tensor<4>, gates: Option<Tensor<2>>) -> MoeResult<Tensor<4>> {
         self.check_input(&x.dims())?;
         let n = x.dims()[0];
-        let h = relu(self.bn_reduce.forward(self.reduce.forward(x.clone())));
-        let mut h = relu(self.bn_conv.forward(self.conv.forward(h)));
+        let h = batch_norm(self.reduce.forward(x.clone()), &self.bn_reduce, None, true);
+        let mut h = batch_norm(self.conv.forward(h), &self.bn_conv, None, true);
         if let Some(g) = gates {
             self.check_gates(n, &g)?;
             let g = g
@@ -257,8 +259,13 @@ impl Bottleneck {
                 .reshape([n, self.paths * self.path_width, 1, 1]);
             h = h * g;
         }
-        let out = self.bn_expand.forward(self.expand.forward(h));
-        Ok(self.residual(x, out, false))
+        let short = self.shortcut(x, false);
+        Ok(batch_norm(
+            self.expand.forward(h),
+            &self.bn_expand,
+            Some(short),
+            true,
+        ))
     }
 
     /// Sparse execution: only the selected paths of each sample run.
@@ -346,7 +353,7 @@ impl Bottleneck {
             .swap_dims(1, 2);
         let out = w3.matmul(hid).reshape([n, cout, h2, w2_]);
         let out = bn_eval(&self.bn_expand, out);
-        Ok(self.residual(x, out, true))
+        Ok(relu(out + self.shortcut(x, true)))
     }
 
     fn check_indices(&self, n: usize, indices: &[Vec<usize>]) -> MoeResult<usize> {

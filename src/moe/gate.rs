@@ -32,10 +32,11 @@
 use burn::config::Config;
 use burn::module::{Initializer, Module};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::activation::{relu, softmax, tanh};
+use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::error::{MoeError, Result as MoeResult};
+use crate::fused::attention::attend;
 
 /// Configuration of one gate controller.
 #[derive(Config, Debug)]
@@ -158,7 +159,7 @@ impl GateController {
 
     /// g' = ReLU(g)/||ReLU(g)||_1 for image [N, A, H, W] and question [N, B]; shape [N, P].
     pub fn gate_values(&self, image: Tensor<4>, question: Tensor<2>) -> MoeResult<Tensor<2>> {
-        let [n, a, h, w] = image.dims();
+        let [n, a, _, _] = image.dims();
         let [nq, b] = question.dims();
         let [exp_a, _] = self.image_att.weight.dims();
         let [exp_b, _] = self.question_att.weight.dims();
@@ -176,15 +177,8 @@ impl GateController {
                 format!("[{nq}, {b}]"),
             ));
         }
-        let regions = image.reshape([n, a, h * w]).swap_dims(1, 2); // [N, D, A]
-        let hidden = self.image_att.forward(regions.clone())
-            + self
-                .question_att
-                .forward(question.clone())
-                .unsqueeze_dim::<3>(1);
-        let scores = self.att_score.forward(tanh(hidden)); // [N, D, 1]
-        let p = softmax(scores, 1).swap_dims(1, 2); // [N, 1, D]
-        let attended = p.matmul(regions).reshape([n, a]); // [N, A]
+        let qa = self.question_att.forward(question.clone());
+        let attended = attend(image, qa, &self.image_att, &self.att_score); // [N, A]
         let u = self.image_proj.forward(attended) + question;
         Ok(normalize_gates(self.gate.forward(u)))
     }
