@@ -162,7 +162,7 @@ def grad_rows(t):
     return (t[0].grad[t[1]:t[2]] if t[0].grad is not None else None) if isinstance(t, tuple) else t.grad
 
 
-def load_burn_weights(model, params):
+def load_burn_weights(model, params, dtype=torch.float32):
     """Copies moevqa's parameters (rn_parity's "params") into the PyTorch RN."""
     table = burn_to_torch(model)
     missing = set(params) ^ set(table)
@@ -171,22 +171,25 @@ def load_burn_weights(model, params):
     with torch.no_grad():
         for name, (t, f) in table.items():
             dst = rows(t)
-            src = f(torch.tensor(params[name]["values"]), params[name]["shape"])
+            src = f(torch.tensor(params[name]["values"], dtype=dtype), params[name]["shape"])
             if dst.shape != src.shape:
                 sys.exit(f"error: {name}: moevqa has {list(src.shape)}, this model {list(dst.shape)}")
             dst.copy_(src)
     return table
 
 
-def parity(path, lr=1e-3):
-    """Loads `cargo run --example rn_parity` output, repeats its steps, compares."""
+def parity(path, lr=1e-3, dtype=torch.float32):
+    """Loads `cargo run --example rn_parity` output, repeats its steps, compares.
+
+    With dtype float64 PyTorch is the exact reference that both f32 runs
+    (moevqa's and PyTorch's own) can be held against."""
     d = json.load(open(path))
-    model = tb.RelationNetwork(20, 10, 128, 128).reset_batch_norms().train()
+    model = tb.RelationNetwork(20, 10, 128, 128).reset_batch_norms().train().to(dtype)
     model.drop.p = 0.0
     params = d["params"]
-    table = load_burn_weights(model, params)
+    table = load_burn_weights(model, params, dtype)
     n, t = len(d["targets"]), len(d["tokens"]) // len(d["targets"])
-    images = torch.tensor(d["images"]).reshape(n, 3, 75, 75)
+    images = torch.tensor(d["images"], dtype=dtype).reshape(n, 3, 75, 75)
     tokens = torch.tensor(d["tokens"]).reshape(n, t)
     lengths = torch.tensor(d["lengths"])
     target = torch.tensor(d["targets"])
@@ -207,7 +210,7 @@ def parity(path, lr=1e-3):
                     if (g is None) != (tg is None):
                         print(f"{name}: gradient only in {'torch' if g is None else 'burn'}")
                     continue
-                bg = f(torch.tensor(g), params[name]["shape"])
+                bg = f(torch.tensor(g, dtype=dtype), params[name]["shape"])
                 rel = float((bg - tg).norm() / tg.norm().clamp_min(1e-30))
                 print(f"{name} {rel:.2e} {float(tg.norm()):.3e}")
         opt.step()
@@ -217,8 +220,8 @@ def parity(path, lr=1e-3):
     with torch.no_grad():
         for name, (tt, f) in table.items():
             shape = params[name]["shape"]
-            before = f(torch.tensor(params[name]["values"]), shape)
-            after = f(torch.tensor(d["after"][name]["values"]), shape)
+            before = f(torch.tensor(params[name]["values"], dtype=dtype), shape)
+            after = f(torch.tensor(d["after"][name]["values"], dtype=dtype), shape)
             now = rows(tt)
             moved = (now - before).norm().clamp_min(1e-30)
             print(f"{name} {float((after - now).norm() / moved):.2e}")
@@ -233,6 +236,8 @@ def main():
     ap.add_argument("--parity", metavar="FILE",
                     help="repeat the steps of `cargo run --release --example rn_parity -- FILE` "
                          "with its weights and print where PyTorch and moevqa differ, then exit")
+    ap.add_argument("--double", action="store_true",
+                    help="with --parity: run PyTorch in float64, the exact reference")
     ap.add_argument("--init-from", metavar="FILE",
                     help="start from moevqa's initial weights, written by `cargo run --release "
                          "--example rn_parity -- FILE 0 VOCAB ANSWERS` (VOCAB = words + 2)")
@@ -255,7 +260,7 @@ def main():
         grad_norms()
         return
     if a.parity:
-        parity(a.parity)
+        parity(a.parity, dtype=torch.float64 if a.double else torch.float32)
         return
     if not a.data:
         sys.exit("error: --data: expected a CLEVR-layout directory")
