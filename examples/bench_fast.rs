@@ -212,7 +212,15 @@ fn cnn_profile(batch: usize, iters: usize) -> Result<()> {
     for (model, input, k) in [("clevr", 128, 6), ("vqa", 224, 8)] {
         let layout = CnnLayout::by_model(model)?;
         device.seed(7);
-        let cnn = ModularResNeXtConfig::new(layout, k).init(&device)?;
+        // K=.. overrides k; DENSE=1 runs the ungated network instead.
+        let k = std::env::var("K")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(k);
+        let dense = std::env::var("DENSE").is_ok_and(|v| v == "1");
+        let cnn = ModularResNeXtConfig::new(layout, k)
+            .with_gated(!dense)
+            .init(&device)?;
         let images = Tensor::<4>::random(
             [batch, 3, input, input],
             Distribution::Normal(0.0, 1.0),
@@ -264,7 +272,15 @@ fn cnn_loop(batch: usize, iters: usize) -> Result<()> {
     } else {
         (CnnLayout::clevr(), 128, 3)
     };
-    let cnn = ModularResNeXtConfig::new(layout, k).init(&device)?;
+    // K=.. overrides k; DENSE=1 runs the ungated network instead.
+    let k = std::env::var("K")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(k);
+    let dense = std::env::var("DENSE").is_ok_and(|v| v == "1");
+    let cnn = ModularResNeXtConfig::new(layout, k)
+        .with_gated(!dense)
+        .init(&device)?;
     let packed = PackedResNeXt::from_cnn(&cnn)?;
     let images = Tensor::<4>::random(
         [batch, 3, size, size],
@@ -272,9 +288,16 @@ fn cnn_loop(batch: usize, iters: usize) -> Result<()> {
         &device,
     );
     let q = Tensor::<2>::random([batch, 128], Distribution::Normal(0.0, 1.0), &device);
+    let (q, exec) = match dense {
+        true => (None, Execution::Dense),
+        false => (Some(q), Execution::Sparse),
+    };
     let ms = time_ms(&device, 1, iters, || {
-        packed.forward_k(images.clone(), Some(q.clone()), k, Execution::Sparse)
+        packed.forward_k(images.clone(), q.clone(), k, exec)
     });
-    println!("packed N{batch} k{k} sparse: {ms:.2} ms");
+    println!(
+        "packed N{batch} k{k} {exec:?} (gated {}): {ms:.2} ms",
+        !dense
+    );
     Ok(())
 }

@@ -174,6 +174,35 @@ pub fn time_ms<T>(device: &Device, warmup: usize, iters: usize, mut f: impl FnMu
     median(times)
 }
 
+/// Median milliseconds of `a` and of `b` over `iters` runs each, timed in
+/// turn (a, b, a, b, ...) after `warmup` runs of each: a change in the
+/// shared machine's load during the measurement then falls on both alike,
+/// and their ratio (the speedup the benchmarks report) stays honest.
+pub fn time_pair_ms<A, B>(
+    device: &Device,
+    warmup: usize,
+    iters: usize,
+    mut a: impl FnMut() -> A,
+    mut b: impl FnMut() -> B,
+) -> (f64, f64) {
+    let timed = |f: &mut dyn FnMut()| {
+        let t0 = Instant::now();
+        f();
+        let _ = device.sync();
+        t0.elapsed().as_secs_f64() * 1e3
+    };
+    for _ in 0..warmup {
+        timed(&mut || drop(a()));
+        timed(&mut || drop(b()));
+    }
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..iters.max(1) {
+        ta.push(timed(&mut || drop(a())));
+        tb.push(timed(&mut || drop(b())));
+    }
+    (median(ta), median(tb))
+}
+
 /// Times one preset block dense and sparse (eval mode) on `device`.
 pub fn bench_block(
     preset: &str,
@@ -208,12 +237,13 @@ pub fn bench_block(
     let sparse_out = block.forward_sparse(x.clone(), gates.clone(), &sel)?;
     let diff = max_rel_diff(sparse_out, dense_out);
 
-    let dense_ms = time_ms(device, warmup, iters, || {
-        block.forward_dense(x.clone(), Some(masked.clone()))
-    });
-    let sparse_ms = time_ms(device, warmup, iters, || {
-        block.forward_sparse(x.clone(), gates.clone(), &sel)
-    });
+    let (dense_ms, sparse_ms) = time_pair_ms(
+        device,
+        warmup,
+        iters,
+        || block.forward_dense(x.clone(), Some(masked.clone())),
+        || block.forward_sparse(x.clone(), gates.clone(), &sel),
+    );
     let sum = |v: Vec<crate::flops::LayerMacs>| v.iter().map(|l| l.macs).sum::<u64>();
     let dense_macs = sum(block_macs(&spec, Some(spec.paths)));
     let sparse_macs = sum(block_macs(&spec, Some(k)));
@@ -301,12 +331,13 @@ pub fn bench_block_fast(
     packed.forward_into(&xv, batch, h, w, Some((&mv, &every)), &mut dense_out)?;
     packed.forward_into(&xv, batch, h, w, Some((&gv, &sel)), &mut sparse_out)?;
     let diff = max_rel_diff_slices(&sparse_out, &dense_out);
-    let dense_ms = time_ms(device, warmup, iters, || {
-        packed.forward_into(&xv, batch, h, w, Some((&mv, &every)), &mut dense_out)
-    });
-    let sparse_ms = time_ms(device, warmup, iters, || {
-        packed.forward_into(&xv, batch, h, w, Some((&gv, &sel)), &mut sparse_out)
-    });
+    let (dense_ms, sparse_ms) = time_pair_ms(
+        device,
+        warmup,
+        iters,
+        || packed.forward_into(&xv, batch, h, w, Some((&mv, &every)), &mut dense_out),
+        || packed.forward_into(&xv, batch, h, w, Some((&gv, &sel)), &mut sparse_out),
+    );
     let sum = |v: Vec<crate::flops::LayerMacs>| v.iter().map(|l| l.macs).sum::<u64>();
     let dense_macs = sum(block_macs(&spec, Some(spec.paths)));
     let sparse_macs = sum(block_macs(&spec, Some(k)));
@@ -378,11 +409,8 @@ pub fn bench_cnn(
             let dense = || plain.forward_k(images.clone(), None, k, Execution::Dense);
             let sparse = || gated.forward_k(images.clone(), Some(q.clone()), k, Execution::Sparse);
             let diff = max_rel_diff(sparse()?.features, reference);
-            (
-                time_ms(device, 1, iters, dense),
-                time_ms(device, 1, iters, sparse),
-                diff,
-            )
+            let (dense_ms, sparse_ms) = time_pair_ms(device, 1, iters, dense, sparse);
+            (dense_ms, sparse_ms, diff)
         }
         Engine::Fast => {
             let gated = PackedResNeXt::from_cnn(&gated)?;
@@ -390,11 +418,8 @@ pub fn bench_cnn(
             let dense = || plain.forward_k(images.clone(), None, k, Execution::Dense);
             let sparse = || gated.forward_k(images.clone(), Some(q.clone()), k, Execution::Sparse);
             let diff = max_rel_diff(sparse()?.features, reference);
-            (
-                time_ms(device, 1, iters, dense),
-                time_ms(device, 1, iters, sparse),
-                diff,
-            )
+            let (dense_ms, sparse_ms) = time_pair_ms(device, 1, iters, dense, sparse);
+            (dense_ms, sparse_ms, diff)
         }
     };
     let speedup = dense_ms / sparse_ms;

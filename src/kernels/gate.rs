@@ -10,6 +10,7 @@ use crate::error::{MoeError, Result as MoeResult};
 use crate::fused::attention::tanh_fast;
 use crate::fused::matmul::{View, sgemm};
 use crate::moe::GateController;
+use rayon::prelude::*;
 
 /// scores[d] += w * tanh(h[d] + a) for one hidden unit (row `h`).
 #[inline(always)]
@@ -48,6 +49,17 @@ super::conv3x3::multiversion! {
     fn attend => attend_impl(x: &[f32], p: &[f32], scale: f32, out: &mut [f32])
 }
 
+/// `m` [rows, cols] transposed to [cols, rows] (empty if `m` is not that
+/// size, which the caller's size check then reports).
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    if m.len() != rows * cols {
+        return Vec::new();
+    }
+    (0..cols)
+        .flat_map(|j| (0..rows).map(move |i| m[i * cols + j]))
+        .collect()
+}
+
 /// A gate controller's weights on the host.
 #[derive(Debug, Clone)]
 pub(crate) struct PackedGate {
@@ -56,8 +68,10 @@ pub(crate) struct PackedGate {
     b: usize,
     c: usize,
     p: usize,
-    /// W_IA [A, C].
-    w_ia: Vec<f32>,
+    /// W_IA^T [C, A]: row-major, so that each thread's GEMM takes a
+    /// contiguous band of hidden units (and gemm packs it faster than the
+    /// transposed view of W_IA).
+    w_ia_t: Vec<f32>,
     /// W_QA [B, C] and b_A [C].
     w_qa: Vec<f32>,
     b_a: Vec<f32>,
@@ -100,7 +114,7 @@ impl PackedGate {
             b,
             c,
             p,
-            w_ia: weight(&ctrl.image_att)?,
+            w_ia_t: transpose(&weight(&ctrl.image_att)?, a, c),
             w_qa: weight(&ctrl.question_att)?,
             b_a: bias(&ctrl.question_att, c)?,
             w_p: weight(&ctrl.att_score)?,
@@ -109,7 +123,7 @@ impl PackedGate {
             w_g: weight(&ctrl.gate)?,
             b_g: bias(&ctrl.gate, p)?,
         };
-        let ok = g.w_ia.len() == a * c
+        let ok = g.w_ia_t.len() == a * c
             && g.w_qa.len() == b * c
             && g.b_a.len() == c
             && g.w_p.len() == c
@@ -165,14 +179,23 @@ impl PackedGate {
                 *o += qv * wv;
             }
         }
-        // Hidden [C, D] = W_IA^T x (W_IA [A, C] read transposed).
+        // Hidden [C, D] = W_IA^T x. With several threads each takes a band
+        // of hidden units: gemm's own split of this shape (64 rows) gained
+        // nothing, and the controllers were a fifth of a sparse ResNeXt-101.
         let hid = grow(&mut sc.hid, c * d);
-        let lhs = View {
-            data: &self.w_ia,
-            rs: 1,
-            cs: c,
+        let band = |rows: &mut [f32], c0: usize| {
+            let m = rows.len() / d;
+            let lhs = View::rows(&self.w_ia_t[c0 * a..], a);
+            sgemm(m, d, a, rows, d, lhs, View::rows(x, d), false, 1);
         };
-        sgemm(c, d, a, hid, d, lhs, View::rows(x, d), false, threads);
+        if threads > 1 && c >= 2 * 8 && d > 0 {
+            let per = c.div_ceil(threads).next_multiple_of(8).min(c);
+            hid.par_chunks_mut(per * d)
+                .enumerate()
+                .for_each(|(i, rows)| band(rows, i * per));
+        } else if d > 0 {
+            band(hid, 0);
+        }
         // Scores over the regions, then their softmax.
         let scores = grow(&mut sc.scores, d);
         scores.fill(self.b_p);
