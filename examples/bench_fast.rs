@@ -212,15 +212,7 @@ fn cnn_profile(batch: usize, iters: usize) -> Result<()> {
     for (model, input, k) in [("clevr", 128, 6), ("vqa", 224, 8)] {
         let layout = CnnLayout::by_model(model)?;
         device.seed(7);
-        // K=.. overrides k; DENSE=1 runs the ungated network instead.
-        let k = std::env::var("K")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(k);
-        let dense = std::env::var("DENSE").is_ok_and(|v| v == "1");
-        let cnn = ModularResNeXtConfig::new(layout, k)
-            .with_gated(!dense)
-            .init(&device)?;
+        let cnn = ModularResNeXtConfig::new(layout, k).init(&device)?;
         let images = Tensor::<4>::random(
             [batch, 3, input, input],
             Distribution::Normal(0.0, 1.0),

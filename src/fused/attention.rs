@@ -28,6 +28,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::{softmax, tanh};
 use rayon::prelude::*;
 
+use super::isa::{Isa, multiversion};
 use super::matmul::{View, sgemm};
 use super::{Route, route};
 
@@ -35,7 +36,7 @@ use super::{Route, route};
 /// ratio on [-7.9, 7.9], saturating outside): within a few ulp of libm,
 /// branch-free, so loops over it vectorise.
 #[inline(always)]
-pub(crate) fn tanh_fast(x: f32) -> f32 {
+fn tanh_fast(x: f32) -> f32 {
     const CLAMP: f32 = 7.905_311;
     const A1: f32 = 4.893_524_6e-3;
     const A3: f32 = 6.372_619_3e-4;
@@ -107,6 +108,16 @@ pub(crate) fn attend_forward(
     if n * a * c * d == 0 {
         return out;
     }
+    let att_w = Attention {
+        w_t: View {
+            data: w,
+            rs: 1,
+            cs: c,
+        },
+        wp,
+        bp,
+        isa: Isa::detect(),
+    };
     out.att
         .par_chunks_mut(a)
         .zip(out.h.par_chunks_mut(c * d))
@@ -114,33 +125,110 @@ pub(crate) fn attend_forward(
         .enumerate()
         .for_each(|(i, ((att, h), p))| {
             let xs = &x[i * a * d..(i + 1) * a * d];
-            // W_IA^T X: W_IA [a, c] read transposed.
-            let wt = View {
-                data: w,
-                rs: 1,
-                cs: c,
-            };
-            sgemm(c, d, a, h, d, wt, View::rows(xs, d), false, 1);
-            p.fill(bp);
-            for ((row, &q), &wv) in h.chunks_exact_mut(d).zip(&qa[i * c..(i + 1) * c]).zip(wp) {
-                for (hv, sv) in row.iter_mut().zip(p.iter_mut()) {
-                    *hv = tanh_fast(*hv + q);
-                    *sv += wv * *hv;
-                }
-            }
-            let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for v in p.iter_mut() {
-                *v = (*v - m).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            p.iter_mut().for_each(|v| *v *= inv);
-            for (o, row) in att.iter_mut().zip(xs.chunks_exact(d)) {
-                *o = dot(row, p);
-            }
+            att_w.sample(xs, &qa[i * c..(i + 1) * c], h, p, att, 1);
         });
     out
+}
+
+/// A controller's attention weights, for [`Attention::sample`].
+#[derive(Clone, Copy)]
+pub(crate) struct Attention<'a> {
+    /// W_IA^T as a [C, A] view (of W_IA [A, C] read transposed, or of a
+    /// row-major copy).
+    pub w_t: View<'a>,
+    /// w_P [C] and b_P.
+    pub wp: &'a [f32],
+    pub bp: f32,
+    pub isa: Isa,
+}
+
+impl Attention<'_> {
+    /// One sample, `x` [A, D] with D = `p.len()` regions and `qa` [C]:
+    /// `h` [C, D] = tanh(W_IA^T x + qa 1^T), `p` [D] = softmax(w_P^T h + b_P)
+    /// and `att` [A] = x p. This is the whole forward pass of the training
+    /// op and the attention of the fast inference path
+    /// (`kernels::gate`). `threads > 1` splits the hidden GEMM in bands of
+    /// hidden units: gemm's own split of this shape (64 rows) gained
+    /// nothing on a sparse ResNeXt-101 at batch 1.
+    pub(crate) fn sample(
+        &self,
+        x: &[f32],
+        qa: &[f32],
+        h: &mut [f32],
+        p: &mut [f32],
+        att: &mut [f32],
+        threads: usize,
+    ) {
+        let (a, c, d) = (att.len(), qa.len(), p.len());
+        if d == 0 {
+            return;
+        }
+        let band = |rows: &mut [f32], c0: usize| {
+            let lhs = View {
+                data: &self.w_t.data[c0 * self.w_t.rs..],
+                ..self.w_t
+            };
+            sgemm(
+                rows.len() / d,
+                d,
+                a,
+                rows,
+                d,
+                lhs,
+                View::rows(x, d),
+                false,
+                1,
+            );
+        };
+        if threads > 1 && c >= 16 {
+            let per = c.div_ceil(threads).next_multiple_of(8).min(c);
+            h[..c * d]
+                .par_chunks_mut(per * d)
+                .enumerate()
+                .for_each(|(i, rows)| band(rows, i * per));
+        } else {
+            band(&mut h[..c * d], 0);
+        }
+        p.fill(self.bp);
+        for ((row, &q), &wv) in h.chunks_exact_mut(d).zip(qa).zip(self.wp) {
+            hidden_row(self.isa, row, q, wv, p);
+        }
+        let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for v in p.iter_mut() {
+            *v = (*v - m).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        p.iter_mut().for_each(|v| *v *= inv);
+        weighted_rows(self.isa, x, p, att);
+    }
+}
+
+/// One hidden unit: `h = tanh(h + q)`, then `p += w h` (its share of the
+/// scores).
+#[inline(always)]
+fn hidden_row_impl<const FMA: bool>(h: &mut [f32], q: f32, w: f32, p: &mut [f32]) {
+    for (hv, sv) in h.iter_mut().zip(p.iter_mut()) {
+        *hv = tanh_fast(*hv + q);
+        *sv += w * *hv;
+    }
+}
+
+multiversion! {
+    fn hidden_row => hidden_row_impl(h: &mut [f32], q: f32, w: f32, p: &mut [f32])
+}
+
+/// `att[i] = x[i, :] . p` over the rows of `x`.
+#[inline(always)]
+fn weighted_rows_impl<const FMA: bool>(x: &[f32], p: &[f32], att: &mut [f32]) {
+    for (o, row) in att.iter_mut().zip(x.chunks_exact(p.len())) {
+        *o = dot(row, p);
+    }
+}
+
+multiversion! {
+    fn weighted_rows => weighted_rows_impl(x: &[f32], p: &[f32], att: &mut [f32])
 }
 
 /// Dot product in eight lanes (so that it vectorises).

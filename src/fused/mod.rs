@@ -16,6 +16,7 @@
 
 pub mod attention;
 pub mod batchnorm;
+pub(crate) mod isa;
 pub(crate) mod matmul;
 pub mod maxpool;
 pub mod relate;

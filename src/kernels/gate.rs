@@ -1,53 +1,16 @@
 //! A [`GateController`] on host slices, one sample at a time (the same
 //! equations as [`crate::moe::gate`]). On the Burn path the controllers cost
-//! about as much as the sparse blocks of the VQA network: the attention's
-//! D*A*C multiply-adds run as one GEMM here, and its D*C tanh as a
-//! vectorised rational approximation instead of libm calls.
+//! about as much as the sparse blocks of the VQA network. The attention is
+//! [`crate::fused::attention`]'s per-sample kernel, shared with the
+//! training op: its D*A*C multiply-adds run as one GEMM, and its D*C tanh
+//! as a vectorised rational approximation instead of libm calls.
 
 use super::block::host_vec;
 use super::conv3x3::Isa;
 use crate::error::{MoeError, Result as MoeResult};
-use crate::fused::attention::tanh_fast;
-use crate::fused::matmul::{View, sgemm};
+use crate::fused::attention::Attention;
+use crate::fused::matmul::View;
 use crate::moe::GateController;
-use rayon::prelude::*;
-
-/// scores[d] += w * tanh(h[d] + a) for one hidden unit (row `h`).
-#[inline(always)]
-fn score_row_impl<const FMA: bool>(h: &[f32], a: f32, w: f32, scores: &mut [f32]) {
-    for (s, &v) in scores.iter_mut().zip(h) {
-        *s += w * tanh_fast(v + a);
-    }
-}
-
-super::conv3x3::multiversion! {
-    /// One hidden unit's contribution to the attention scores.
-    fn score_row => score_row_impl(h: &[f32], a: f32, w: f32, scores: &mut [f32])
-}
-
-/// out[a] = scale * sum_d x[a, d] * p[d], with 16 partial sums per row so
-/// that the reduction vectorises.
-#[inline(always)]
-fn attend_impl<const FMA: bool>(x: &[f32], p: &[f32], scale: f32, out: &mut [f32]) {
-    let d = p.len();
-    for (o, row) in out.iter_mut().zip(x.chunks_exact(d)) {
-        let mut acc = [0.0f32; 16];
-        let (rb, rt) = row.split_at(d / 16 * 16);
-        let (pb, pt) = p.split_at(d / 16 * 16);
-        for (r, q) in rb.chunks_exact(16).zip(pb.chunks_exact(16)) {
-            for i in 0..16 {
-                acc[i] += r[i] * q[i];
-            }
-        }
-        let tail: f32 = rt.iter().zip(pt).map(|(u, v)| u * v).sum();
-        *o = (acc.iter().sum::<f32>() + tail) * scale;
-    }
-}
-
-super::conv3x3::multiversion! {
-    /// The attention-weighted image vector.
-    fn attend => attend_impl(x: &[f32], p: &[f32], scale: f32, out: &mut [f32])
-}
 
 /// `m` [rows, cols] transposed to [cols, rows] (empty if `m` is not that
 /// size, which the caller's size check then reports).
@@ -179,39 +142,17 @@ impl PackedGate {
                 *o += qv * wv;
             }
         }
-        // Hidden [C, D] = W_IA^T x. With several threads each takes a band
-        // of hidden units: gemm's own split of this shape (64 rows) gained
-        // nothing, and the controllers were a fifth of a sparse ResNeXt-101.
-        let hid = grow(&mut sc.hid, c * d);
-        let band = |rows: &mut [f32], c0: usize| {
-            let m = rows.len() / d;
-            let lhs = View::rows(&self.w_ia_t[c0 * a..], a);
-            sgemm(m, d, a, rows, d, lhs, View::rows(x, d), false, 1);
-        };
-        if threads > 1 && c >= 2 * 8 && d > 0 {
-            let per = c.div_ceil(threads).next_multiple_of(8).min(c);
-            hid.par_chunks_mut(per * d)
-                .enumerate()
-                .for_each(|(i, rows)| band(rows, i * per));
-        } else if d > 0 {
-            band(hid, 0);
-        }
-        // Scores over the regions, then their softmax.
-        let scores = grow(&mut sc.scores, d);
-        scores.fill(self.b_p);
-        for ((row, &qv), &wv) in hid.chunks_exact(d).zip(qa.iter()).zip(&self.w_p) {
-            score_row(isa, row, qv, wv, scores);
-        }
-        let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - m).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        // Attended image vector [A] = x . softmax.
+        // The attention over the D regions: hidden layer, scores, softmax,
+        // attended image vector [A].
+        let (hid, scores) = (grow(&mut sc.hid, c * d), grow(&mut sc.scores, d));
         let att = grow(&mut sc.att, a);
-        attend(isa, x, scores, inv, att);
+        let weights = Attention {
+            w_t: View::rows(&self.w_ia_t, a),
+            wp: &self.w_p,
+            bp: self.b_p,
+            isa,
+        };
+        weights.sample(x, qa, hid, scores, att, threads);
         // u = W_I att + q.
         let u = grow(&mut sc.u, b);
         u.copy_from_slice(q);
