@@ -34,8 +34,13 @@ pub(crate) fn symmetric(p: &PaddingConfig2d) -> Option<usize> {
     }
 }
 
-/// Output size of a window of `k` at stride `s` over `n + 2p` values.
+/// Output size of a window of `k` at stride `s` over `n + 2p` values;
+/// `None` for an empty input (padding alone would make windows with no
+/// value in them).
 fn out_len(n: usize, k: usize, s: usize, p: usize) -> Option<usize> {
+    if n == 0 || s == 0 {
+        return None;
+    }
     (n + 2 * p).checked_sub(k).map(|v| v / s + 1)
 }
 
@@ -276,6 +281,10 @@ mod tests {
         assert_eq!(out, vec![-1.0; 4]);
         assert_eq!(idx, vec![0, 1, 4, 5]);
         let dx = max_pool_backward(&[1.0, 2.0, 3.0, 4.0], &idx, 1, 4, 4);
+        // An empty map has no output, even where padding would make room.
+        let wide = PoolShape { k: 3, s: 2, p: 2 };
+        assert_eq!(wide.out(0, 5), None);
+        assert_eq!(max_pool_forward(&[], 2, 0, 5, wide), (vec![], vec![]));
         assert_eq!(&dx[..6], &[1.0, 2.0, 0.0, 0.0, 3.0, 4.0]);
     }
 }

@@ -14,8 +14,9 @@
 //!   cheap form, the question term folded into `u`); backward sums the
 //!   masked gradient over `j` (for `u`) and over `i` (for `v`);
 //! - [`linear_relu`]: `relu(x W + b)`; backward masks the gradient by the
-//!   output's sign, then `db` (column sums), `dW = x^T dz` (accumulated per
-//!   thread, summed at the end) and `dx = dz W^T`, block by block;
+//!   output's sign, then `db` (column sums), `dW = x^T dz` (summed over a
+//!   fixed number of runs of blocks, then the runs in order, so the result
+//!   never depends on scheduling) and `dx = dz W^T`, block by block;
 //! - [`linear_relu_sum`]: the same, summed over consecutive groups of rows
 //!   (g's last layer summed over the pairs of a sample), so the summed
 //!   output and its broadcast gradient never exist as separate tensors.
@@ -217,7 +218,7 @@ pub(crate) fn linear_relu_backward(
     s: LinearShape,
     need_dx: bool,
 ) -> LinearGrads {
-    linear_relu_backward_io(x, w, y, s, BackwardIo::Read { dy, need_dx }, BACKWARD_ROWS)
+    linear_relu_backward_io(x, w, y, s, BackwardIo::Read { dy, need_dx })
 }
 
 /// [`linear_relu_backward`] for a square layer without a group (`k == n`),
@@ -234,7 +235,7 @@ pub(crate) fn linear_relu_backward_in_place(
         s.k == s.n && s.group.is_none(),
         "in-place backward needs a square layer without a group"
     );
-    linear_relu_backward_io(x, w, y, s, BackwardIo::InPlace(dy), BACKWARD_ROWS)
+    linear_relu_backward_io(x, w, y, s, BackwardIo::InPlace(dy))
 }
 
 /// Rows per block of the backward pass.
@@ -258,8 +259,8 @@ fn linear_relu_backward_io(
     y: &[f32],
     s: LinearShape,
     io: BackwardIo<'_>,
-    block_rows: usize,
 ) -> LinearGrads {
+    let block_rows = BACKWARD_ROWS;
     let LinearShape { m, k, n, group } = s;
     let dy_rows = match group {
         Some(g) => m / g,

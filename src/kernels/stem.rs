@@ -160,16 +160,12 @@ impl PackedConv {
 
 /// A square max pool (padding never wins: it counts as -inf).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct PackedPool {
-    k: usize,
-    s: usize,
-    p: usize,
-}
+pub(crate) struct PackedPool(PoolShape);
 
 impl PackedPool {
     pub fn from_pool(pool: &MaxPool2d) -> MoeResult<PackedPool> {
         match PoolShape::of(pool) {
-            Some(PoolShape { k, s, p }) => Ok(PackedPool { k, s, p }),
+            Some(shape) => Ok(PackedPool(shape)),
             None => Err(MoeError::config(
                 "CNN pool",
                 "the packed CNN needs a square max pool without dilation or ceil mode, with symmetric padding smaller than the kernel",
@@ -178,7 +174,7 @@ impl PackedPool {
     }
 
     pub fn output_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        out_hw(h, w, self.k, self.s, self.p)
+        self.0.out(h, w)
     }
 
     /// One sample, `c` channels: `x` [c, h, w] to `out` [c, h', w'].
@@ -198,7 +194,7 @@ impl PackedPool {
             return;
         };
         // The row of window maxima, padded with -inf on both sides.
-        let len = w + 2 * self.p + self.k;
+        let len = w + 2 * self.0.p + self.0.k;
         if tmp.len() < len {
             tmp.resize(len, 0.0);
         }
@@ -302,7 +298,7 @@ fn pool_impl<const FMA: bool>(
     out: &mut [f32],
     t: &mut [f32],
 ) {
-    let (k, s, p) = (pool.k, pool.s, pool.p);
+    let PoolShape { k, s, p } = pool.0;
     // Plain comparisons (not f32::max) so that the loops vectorise.
     let max = |a: f32, b: f32| if b > a { b } else { a };
     t.fill(f32::NEG_INFINITY);

@@ -9,6 +9,8 @@
 use burn::config::Config;
 use burn::tensor::Tensor;
 
+use super::Gates;
+
 /// Epsilon in the denominator of cv^2, as in Shazeer et al.
 pub const CV_EPSILON: f64 = 1e-10;
 
@@ -41,6 +43,16 @@ impl BalanceLossConfig {
             .map(|g| cv_squared(importance(g.clone())))
             .reduce(|a, b| a + b)
             .map(|s| s.mul_scalar(self.weight))
+    }
+
+    /// `task_loss` plus the balance loss of `gates` (every block's values),
+    /// the training loss of both models (paper appendix C).
+    pub fn add_to(&self, task_loss: Tensor<1>, gates: &[Gates]) -> Tensor<1> {
+        let values: Vec<_> = gates.iter().map(|g| g.values.clone()).collect();
+        match self.loss(&values) {
+            Some(b) => task_loss + b,
+            None => task_loss,
+        }
     }
 }
 

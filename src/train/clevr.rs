@@ -309,12 +309,7 @@ pub fn train_epoch(
 /// gate values.
 pub fn rn_loss(out: &RnOutput, targets: Tensor<1, Int>, balance: &BalanceLossConfig) -> Tensor<1> {
     let ce = CrossEntropyLossConfig::new().init(&out.logits.device());
-    let loss = ce.forward(out.logits.clone(), targets);
-    let values: Vec<_> = out.gates.iter().map(|g| g.values.clone()).collect();
-    match balance.loss(&values) {
-        Some(b) => loss + b,
-        None => loss,
-    }
+    balance.add_to(ce.forward(out.logits.clone(), targets), &out.gates)
 }
 
 /// A fresh Adam optimizer (every model's).

@@ -457,11 +457,7 @@ pub fn train_vqa(
             let refs: Vec<&VqaItem> = chunk.iter().map(|&i| &items[i]).collect();
             let b = make_vqa_batch(&refs, num_answers, cfg.image_size, &ad)?;
             let out = model.forward(b.images, b.tokens, &b.lengths, cfg.k, Execution::Dense)?;
-            let values: Vec<_> = out.gates.iter().map(|g| g.values.clone()).collect();
-            let mut loss = soft_bce(out.logits.clone(), b.targets);
-            if let Some(bal) = balance.loss(&values) {
-                loss = loss + bal;
-            }
+            let loss = balance.add_to(soft_bce(out.logits.clone(), b.targets), &out.gates);
             let value = loss.clone().into_scalar::<f32>() as f64;
             if !value.is_finite() {
                 return Err(TrainError::Diverged {
