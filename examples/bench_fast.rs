@@ -187,16 +187,13 @@ fn profile(
             .map(|l| l.macs)
             .sum();
         println!(
-            "{name} N{batch} k{k}: 1-thread {:.3} ms ({:.1} GFLOP/s) = gatherR {:.3} reduce {:.3} conv3x3 {:.3} shortcut {:.3} gatherE {:.3} expand {:.3} epilogue {:.3} | all threads {:.3} ms (reused out {:.3})",
+            "{name} N{batch} k{k}: 1-thread {:.3} ms ({:.1} GFLOP/s) = reduce {:.3} conv3x3 {:.3} shortcut {:.3} expand+epilogue {:.3} | all threads {:.3} ms (reused out {:.3})",
             best.total(),
             2.0 * macs as f64 * batch as f64 / best.total() / 1e6,
-            best.gather_reduce,
             best.reduce,
             best.conv3x3,
             best.shortcut,
-            best.gather_expand,
             best.expand,
-            best.epilogue,
             alloc,
             reuse
         );

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::conv3x3::{Geom, Isa, OutTile, PathJob, finish_out, run_path};
+use super::pgemm::{Epilogue, Panels, Term, gemm, path_mr};
 use crate::error::{MoeError, Result as MoeResult};
 use crate::fused::matmul::{View, sgemm};
 use crate::moe::block::bn_affine;
@@ -30,18 +31,21 @@ pub struct PackedBottleneck {
     paths: usize,
     d: usize,
     stride: usize,
-    /// Reduce weight [P*d, C_in], rows scaled by BN1's scale.
-    w1: Vec<f32>,
+    /// Reduce weight [P*d, C_in], rows scaled by BN1's scale, in panels
+    /// that never straddle two paths.
+    w1: Panels,
     /// BN1 shift [P*d].
     b1: Vec<f32>,
     /// Grouped 3x3 weight [P*d, d, 9], rows scaled by BN2's scale.
     w2: Vec<f32>,
     /// BN2 shift [P*d].
     b2: Vec<f32>,
-    /// Expand weight [C_out, P*d], rows scaled by BN3's scale.
-    w3: Vec<f32>,
-    /// Projection shortcut [C_out, C_in], rows scaled by its BN's scale.
-    wsc: Option<Vec<f32>>,
+    /// Expand weight [C_out, P*d], rows scaled by BN3's scale, in panels of
+    /// 8 output channels (a path is a column range of each).
+    w3: Panels,
+    /// Projection shortcut [C_out, C_in], rows scaled by its BN's scale,
+    /// panels like `w3`'s.
+    wsc: Option<Panels>,
     /// BN3 shift plus the shortcut BN's shift [C_out].
     bout: Vec<f32>,
 }
@@ -50,32 +54,21 @@ pub struct PackedBottleneck {
 /// samples ([`PackedBottleneck::profile`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct BlockProfile {
-    /// Copying the selected paths' reduce rows.
-    pub gather_reduce: f64,
-    /// Reduce 1x1 GEMM.
+    /// Reduce 1x1 GEMM (the selected paths' panels).
     pub reduce: f64,
     /// Per path: bias + ReLU into padded planes, 3x3, bias + ReLU + gate.
     pub conv3x3: f64,
-    /// Projection shortcut (strided copy and GEMM); 0 for identity.
+    /// Strided copy of the input for a stride-2 projection shortcut.
     pub shortcut: f64,
-    /// Copying the selected paths' expand columns.
-    pub gather_expand: f64,
-    /// Expand 1x1 GEMM.
+    /// Expand 1x1 GEMM (and the projection shortcut's) with the output
+    /// bias, residual and ReLU applied as each tile is stored.
     pub expand: f64,
-    /// Output bias + residual + ReLU.
-    pub epilogue: f64,
 }
 
 impl BlockProfile {
     /// Sum of the phases.
     pub fn total(&self) -> f64 {
-        self.gather_reduce
-            + self.reduce
-            + self.conv3x3
-            + self.shortcut
-            + self.gather_expand
-            + self.expand
-            + self.epilogue
+        self.reduce + self.conv3x3 + self.shortcut + self.expand
     }
 }
 
@@ -96,8 +89,13 @@ fn lap(
 #[derive(Default)]
 struct Scratch {
     sel: Vec<usize>,
-    w1: Vec<f32>,
-    w3: Vec<f32>,
+    panels: Vec<usize>,
+    segs: Vec<(usize, usize)>,
+    rows: Vec<usize>,
+    w1_panels: Panels,
+    w1_sel: Vec<f32>,
+    /// Row-major expand and shortcut weights on wide maps.
+    w_out: (Vec<f32>, Vec<f32>),
     hid: Vec<f32>,
     planes: Vec<f32>,
     grid: Vec<f32>,
@@ -134,6 +132,16 @@ pub(crate) enum Mode {
     /// Samples in order, each split over threads (GEMMs and paths).
     Intra,
 }
+
+/// From this many positions per map on, the 1x1 convolutions copy the
+/// selected paths' weights out of the panels (row-major) and multiply with
+/// the `gemm` crate: the copy is then under 1/512 of the product's work, and
+/// on such wide maps `gemm` ran the products 20-50% faster than the panel
+/// kernel (the whole block: 6.6 against 10.4 ms for `ref-256x28` at batch
+/// 32, k = 8). Narrower maps (the deep stages, where the weights outweigh
+/// the activations and a copy of them costs up to a third of the time) use
+/// the panels where they lie.
+const WIDE_MAP: usize = 512;
 
 /// Below this many multiply-adds per sample a batch smaller than the thread
 /// count still runs one sample per thread (see [`Mode`]).
@@ -183,6 +191,7 @@ impl PackedBottleneck {
             .zip(&s1)
             .flat_map(|(row, &sc)| row.iter().map(move |v| v * sc))
             .collect();
+        let w1 = Panels::pack(&w1, inner, cin, path_mr(d));
         let w2: Vec<f32> = w2
             .chunks_exact(d * 9)
             .zip(&s2)
@@ -193,6 +202,7 @@ impl PackedBottleneck {
             .zip(&s3)
             .flat_map(|(row, &sc)| row.iter().map(move |v| v * sc))
             .collect();
+        let w3 = Panels::pack(&w3, cout, inner, 8);
         let (wsc, bout) = match &block.shortcut {
             Some(sc) => {
                 let w = host_vec(sc.conv.weight.val(), "block shortcut weight")?;
@@ -204,11 +214,12 @@ impl PackedBottleneck {
                         format!("{} values", w.len()),
                     ));
                 }
-                let w = w
+                let w: Vec<f32> = w
                     .chunks_exact(cin)
                     .zip(&ss)
                     .flat_map(|(row, &sc)| row.iter().map(move |v| v * sc))
                     .collect();
+                let w = Panels::pack(&w, cout, cin, 8);
                 let bout = b3.iter().zip(&bs).map(|(a, b)| a + b).collect();
                 (Some(w), bout)
             }
@@ -495,19 +506,23 @@ impl PackedBottleneck {
         mut prof: Option<&mut BlockProfile>,
     ) {
         let mut t0 = Instant::now();
-        let (cin, cout, d, p) = (self.cin, self.cout, self.d, self.paths);
+        let (cin, d, p) = (self.cin, self.d, self.paths);
         let (hw, hw2) = (geom.h * geom.w, geom.h2 * geom.w2);
         let Scratch {
             sel: order,
-            w1: w1_buf,
-            w3: w3_buf,
+            panels: panel_list,
+            segs,
+            rows: row_list,
+            w1_panels,
+            w1_sel,
+            w_out: sc_w,
             hid,
             planes,
             grid,
             h2,
             xs,
         } = sc;
-        // Ascending paths: gathered weight rows are read in memory order.
+        // Ascending paths: the weights are read in memory order.
         order.clear();
         match sel {
             Some(sel) => order.extend_from_slice(sel),
@@ -516,33 +531,64 @@ impl PackedBottleneck {
         order.sort_unstable();
         let k = order.len();
         let kd = k * d;
-        // All P paths (validated distinct): the packed weights as they are.
-        let all = k == p;
 
-        // Reduce 1x1: hid [kd, HW] = W1[sel] . x.
-        let lhs1 = if all {
-            View::rows(&self.w1, cin)
-        } else {
-            let g = buf(w1_buf, kd * cin);
-            for (j, &path) in order.iter().enumerate() {
-                g[j * d * cin..(j + 1) * d * cin]
-                    .copy_from_slice(&self.w1[path * d * cin..(path + 1) * d * cin]);
-            }
-            View::rows(g, cin)
-        };
-        lap(&mut prof, &mut t0, |p| &mut p.gather_reduce);
+        // Reduce 1x1: hid [kd, HW] = W1[selected paths] . x.
         let hid = buf(hid, kd * hw);
-        sgemm(
-            kd,
-            hw,
-            cin,
-            hid,
-            hw,
-            lhs1,
-            View::rows(x_s, hw),
-            false,
-            threads,
-        );
+        let whole = [(0, cin)];
+        if hw >= WIDE_MAP {
+            row_list.clear();
+            row_list.extend(order.iter().flat_map(|&path| path * d..(path + 1) * d));
+            self.w1.unpack(Some(row_list), &whole, w1_sel);
+            let lhs = View::rows(w1_sel, cin);
+            sgemm(
+                kd,
+                hw,
+                cin,
+                hid,
+                hw,
+                lhs,
+                View::rows(x_s, hw),
+                false,
+                threads,
+            );
+        } else {
+            // From the selected paths' panels where they lie; paths narrower
+            // than a full panel (d not a multiple of 8) are copied into full
+            // panels first (4-row tiles ran 30% slower; such weights are
+            // small).
+            panel_list.clear();
+            let w1 = if self.w1.mr() == 8 {
+                let per_path = d / 8;
+                panel_list.extend(
+                    order
+                        .iter()
+                        .flat_map(|&path| path * per_path..(path + 1) * per_path),
+                );
+                &self.w1
+            } else {
+                row_list.clear();
+                row_list.extend(order.iter().flat_map(|&path| path * d..(path + 1) * d));
+                self.w1.select_rows(row_list, 8, w1_panels);
+                panel_list.extend(0..w1_panels.count());
+                &*w1_panels
+            };
+            let reduce = Term {
+                a: w1,
+                segs: &whole,
+                b: x_s,
+                ldb: hw,
+            };
+            gemm(
+                isa,
+                &[reduce],
+                panel_list,
+                hw,
+                hid,
+                hw,
+                Epilogue::Set,
+                threads,
+            );
+        }
         lap(&mut prof, &mut t0, |p| &mut p.reduce);
 
         // Per path: bias + ReLU, grouped 3x3, bias + ReLU, gate.
@@ -600,35 +646,81 @@ impl PackedBottleneck {
             v
         };
         lap(&mut prof, &mut t0, |p| &mut p.shortcut);
-        // Expand weight [C_out, kd]: the selected columns.
-        let w3 = if all {
-            &self.w3[..]
-        } else {
-            let g = buf(w3_buf, cout * kd);
-            for (grow, wrow) in g.chunks_exact_mut(kd).zip(self.w3.chunks_exact(p * d)) {
-                for (j, &path) in order.iter().enumerate() {
-                    grow[j * d..(j + 1) * d].copy_from_slice(&wrow[path * d..(path + 1) * d]);
-                }
-            }
-            g
-        };
-        lap(&mut prof, &mut t0, |p| &mut p.gather_expand);
 
-        // Output [C_out, HW'] by blocks of channels: projection shortcut and
-        // expand GEMMs, then bias + residual + ReLU while the block is still
-        // in cache.
+        // Output [C_out, HW'] = relu(W3[:, selected] . h2 (+ Wsc . xs) +
+        // bias (+ x)): the selected paths are column ranges of every panel
+        // (consecutive paths merged into one range), h2's rows in order.
+        segs.clear();
+        for &path in order {
+            match segs.last_mut() {
+                Some((k0, len)) if *k0 + *len == path * d => *len += d,
+                _ => segs.push((path * d, d)),
+            }
+        }
         let h2: &[f32] = h2;
-        let identity = self.wsc.is_none();
-        let block = |c0: usize, dst: &mut [f32], prof: &mut Option<&mut BlockProfile>| {
-            let mut t0 = Instant::now();
-            let m = dst.len() / hw2;
+        if hw2 >= WIDE_MAP {
+            self.wide_output(isa, x_s, xs, h2, hw2, segs, out_s, sc_w, threads);
+        } else {
+            let expand = Term {
+                a: &self.w3,
+                segs,
+                b: h2,
+                ldb: hw2,
+            };
+            let mut terms = vec![expand];
             if let Some(wsc) = &self.wsc {
+                terms.push(Term {
+                    a: wsc,
+                    segs: &whole,
+                    b: xs,
+                    ldb: hw2,
+                });
+            }
+            panel_list.clear();
+            panel_list.extend(0..self.w3.count());
+            let epi = Epilogue::BiasRelu {
+                bias: &self.bout,
+                residual: self.wsc.is_none().then_some((x_s, hw2)),
+            };
+            gemm(isa, &terms, panel_list, hw2, out_s, hw2, epi, threads);
+        }
+        lap(&mut prof, &mut t0, |p| &mut p.expand);
+    }
+
+    /// The output on a wide map: the selected columns `segs` of the expand
+    /// weight (and the shortcut's weight) copied row-major into `sc_w`, then
+    /// by blocks of channels the `gemm` crate's products and bias + residual
+    /// + ReLU while the block is still in cache.
+    #[allow(clippy::too_many_arguments)]
+    fn wide_output(
+        &self,
+        isa: Isa,
+        x_s: &[f32],
+        xs: &[f32],
+        h2: &[f32],
+        hw2: usize,
+        segs: &[(usize, usize)],
+        out_s: &mut [f32],
+        sc_w: &mut (Vec<f32>, Vec<f32>),
+        threads: usize,
+    ) {
+        let (cin, cout) = (self.cin, self.cout);
+        let kd: usize = segs.iter().map(|s| s.1).sum();
+        let (w3, wsc) = sc_w;
+        self.w3.unpack(None, segs, w3);
+        if let Some(p) = &self.wsc {
+            p.unpack(None, &[(0, cin)], wsc);
+        }
+        let (w3, wsc): (&[f32], &[f32]) = (w3, wsc);
+        let identity = self.wsc.is_none();
+        let block = |c0: usize, dst: &mut [f32]| {
+            let m = dst.len() / hw2;
+            if !identity {
                 let lhs = View::rows(&wsc[c0 * cin..], cin);
                 sgemm(m, hw2, cin, dst, hw2, lhs, View::rows(xs, hw2), false, 1);
             }
             let lhs = View::rows(&w3[c0 * kd..], kd);
             sgemm(m, hw2, kd, dst, hw2, lhs, View::rows(h2, hw2), !identity, 1);
-            lap(prof, &mut t0, |p| &mut p.expand);
             let tile = OutTile {
                 src: None,
                 residual: identity.then(|| (&x_s[c0 * hw2..], hw2)),
@@ -636,7 +728,6 @@ impl PackedBottleneck {
                 cols: hw2,
             };
             finish_out(isa, &tile, dst, hw2);
-            lap(prof, &mut t0, |p| &mut p.epilogue);
         };
         // Blocks of about 256 KiB (at least 32 channels), or a few per
         // thread when splitting a sample.
@@ -649,10 +740,10 @@ impl PackedBottleneck {
             out_s
                 .par_chunks_mut(rows * hw2)
                 .enumerate()
-                .for_each(|(i, dst)| block(i * rows, dst, &mut None));
+                .for_each(|(i, dst)| block(i * rows, dst));
         } else {
             for (i, dst) in out_s.chunks_mut(rows * hw2).enumerate() {
-                block(i * rows, dst, &mut prof);
+                block(i * rows, dst);
             }
         }
     }
@@ -673,7 +764,7 @@ mod tests {
     }
 
     /// Fast dense and sparse equal the Burn reference over a grid of shapes,
-    /// in both threading modes.
+    /// in both threading modes, on narrow and wide maps.
     #[test]
     fn fast_block_matches_burn_over_a_grid() {
         let device = Device::default();
@@ -690,8 +781,13 @@ mod tests {
                         .unwrap()
                         .with_random_batch_norms(&device);
                     let packed = PackedBottleneck::from_block(&block).unwrap();
-                    for batch in [1, 3] {
-                        let (h, w) = (5 + stride, 7);
+                    // A small map (the panel kernel on both 1x1s) and, at
+                    // batch 1, one of at least WIDE_MAP positions (the copied
+                    // weights and `gemm`; at stride 2 its output is narrow
+                    // again, so the two paths meet inside one block).
+                    for (batch, (h, w)) in
+                        [(1, (5 + stride, 7)), (3, (5 + stride, 7)), (1, (24, 23))]
+                    {
                         let x = Tensor::<4>::random(
                             [batch, cin, h, w],
                             Distribution::Normal(0.0, 1.0),

@@ -12,27 +12,30 @@
 //! - a block's weights are packed once ([`PackedBottleneck::from_block`])
 //!   with the eval-mode BN folded in: each BN's scale multiplies the rows of
 //!   the conv before it, its shift becomes a bias applied in the next pass;
-//! - reduce 1x1 and expand 1x1 (and the projection shortcut) are GEMMs of the
-//!   `gemm` crate (runtime-dispatched AVX2/AVX-512 kernels); for a sparse
-//!   sample only the k selected paths' rows of the reduce weight and columns
-//!   of the expand weight are used (copied per sample: `k*d*(C_in + C_out)`
-//!   values, small beside the GEMMs except for the widest stage);
+//! - reduce 1x1 and expand 1x1 (and the projection shortcut) are GEMMs. The
+//!   weights are packed once into panels of rows (`pgemm`): a sparse sample
+//!   multiplies by its selected paths' panels of the reduce weight and by
+//!   their column ranges of the expand weight where they lie, with no copy,
+//!   and the expand's tiles are stored through bias + residual + ReLU. On
+//!   wide maps (512 positions or more, the early stages) the selected
+//!   weights are instead copied out row-major and multiplied by the `gemm`
+//!   crate, which is faster there and for which the copy costs under 1/512
+//!   of the product;
 //! - the grouped 3x3 (stride s, padding 1) is a direct kernel per path: the
 //!   reduce's epilogue (bias + ReLU) writes the path's `d` channels zero-padded
 //!   and split into `s*s` phase planes, so every one of the 9 taps is a
 //!   contiguous shifted read and the inner loop is a register-blocked FMA
 //!   loop (no im2col); its epilogue applies the BN shift, ReLU and the gate;
-//! - the expand GEMM runs by blocks of output channels, each followed at
-//!   once by bias + residual + ReLU while it is still in cache;
+//! - on wide maps the expand GEMM runs by blocks of output channels, each
+//!   followed at once by bias + residual + ReLU while it is still in cache;
 //! - the hand-written loops are compiled for AVX-512, AVX2+FMA and baseline
 //!   x86-64 and picked at run time (`is_x86_feature_detected!`);
 //! - parallelism: over samples (each sample single-threaded) when the batch
 //!   has at least as many samples as threads, otherwise inside the sample
-//!   (the reduce GEMM by `gemm`'s rayon mode, the 3x3 by path, the expand by
-//!   channel block).
+//!   (the GEMMs by panels or column ranges, the 3x3 by path).
 //!
-//! Dense execution is the same code with all P paths (no copy of weights),
-//! so dense and sparse timings compare like with like.
+//! Dense execution is the same code with all P paths, so dense and sparse
+//! timings compare like with like.
 //!
 //! [`PackedResNeXt`] runs a whole [`crate::cnn::ModularResNeXt`] this way,
 //! sample by sample from the image to the features: the stem and the 1x1
@@ -44,13 +47,15 @@
 //! Scope: eval mode only (BN with running statistics, no autodiff). Training
 //! keeps the Burn path ([`crate::moe::Bottleneck::forward_dense`] on an
 //! autodiff device); there is no backward pass here. The training ops with
-//! their own backward (the RN's g, the stem's max pool) are in
+//! their own backward (the RN's g, batch norm with its ReLU, the gate controllers'
+//! attention, the stem's max pool) are in
 //! [`crate::fused`].
 
 mod block;
 mod cnn;
 mod conv3x3;
 mod gate;
+mod pgemm;
 mod stem;
 
 use std::str::FromStr;
