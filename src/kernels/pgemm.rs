@@ -241,30 +241,14 @@ pub(crate) fn gemm(
         );
     }
     let nr = strip_width(isa, mr);
-    // Tasks: (first panel, panel count, first column, column count).
     let threads = threads.max(1);
-    let tasks: Vec<(usize, usize, usize, usize)> = if threads == 1 {
-        vec![(0, panels.len(), 0, n)]
-    } else if n >= 4 * nr * threads {
-        // Wide: column ranges of whole strips, one per thread.
-        let per = n.div_ceil(nr).div_ceil(threads) * nr;
-        (0..n)
-            .step_by(per)
-            .map(|j| (0, panels.len(), j, per.min(n - j)))
-            .collect()
-    } else {
-        // Narrow: a few panel ranges per thread, so uneven ones balance.
-        let per = panels.len().div_ceil(2 * threads).max(1);
-        (0..panels.len())
-            .step_by(per)
-            .map(|p| (p, per.min(panels.len() - p), 0, n))
-            .collect()
-    };
     let out = OutPtr(c.as_mut_ptr());
-    let run = |&(p0, pn, j0, jn): &(usize, usize, usize, usize)| {
-        with_packed(|buf| {
-            let depth: usize = terms.iter().map(Term::depth).sum::<usize>().max(1);
-            let nc = (BLOCK_VALUES / depth / nr).max(1) * nr;
+    let depth: usize = terms.iter().map(Term::depth).sum::<usize>().max(1);
+    let nc = (BLOCK_VALUES / depth / nr).max(1) * nr;
+    // Over the column blocks of `j0..j0 + jn`: pack each block into `buf`,
+    // then `f(n0, nb, packed)`.
+    let blocks =
+        |j0: usize, jn: usize, buf: &mut Vec<f32>, f: &mut dyn FnMut(usize, usize, &[&[f32]])| {
             let mut n0 = j0;
             while n0 < j0 + jn {
                 let nb = nc.min(j0 + jn - n0);
@@ -282,29 +266,54 @@ pub(crate) fn gemm(
                     off += len;
                 }
                 let packed: Vec<&[f32]> = spans.iter().map(|&(o, l)| &buf[o..o + l]).collect();
-                let chunk = Chunk {
-                    terms,
-                    packed: &packed,
-                    panels: &panels[p0..p0 + pn],
-                    row0: p0 * mr,
-                    n0,
-                    nb,
-                    c: out,
-                    ldc,
-                    epi,
-                };
-                // SAFETY: tasks write disjoint parts of C (different row
-                // blocks or different columns), inside the length asserted
-                // above; nothing else touches `c` while they run.
-                unsafe { run_chunk(isa, mr, chunk) };
+                f(n0, nb, &packed);
                 n0 += nb;
             }
-        })
+        };
+    let run = |(p0, pn): (usize, usize), n0: usize, nb: usize, packed: &[&[f32]]| {
+        let chunk = Chunk {
+            terms,
+            packed,
+            panels: &panels[p0..p0 + pn],
+            row0: p0 * mr,
+            n0,
+            nb,
+            c: out,
+            ldc,
+            epi,
+        };
+        // SAFETY: tasks write disjoint parts of C (different row blocks or
+        // different columns), inside the length asserted above; nothing else
+        // touches `c` while they run.
+        unsafe { run_chunk(isa, mr, chunk) };
     };
-    if tasks.len() > 1 {
-        tasks.par_iter().for_each(run);
+    let all = (0, panels.len());
+    if threads == 1 {
+        with_packed(|buf| blocks(0, n, buf, &mut |n0, nb, pk| run(all, n0, nb, pk)));
+    } else if n >= 4 * nr * threads {
+        // Wide: a range of whole strips per thread, each packing its own.
+        let per = n.div_ceil(nr).div_ceil(threads) * nr;
+        let ranges: Vec<usize> = (0..n).step_by(per).collect();
+        ranges.par_iter().for_each(|&j0| {
+            with_packed(|buf| {
+                blocks(j0, per.min(n - j0), buf, &mut |n0, nb, pk| {
+                    run(all, n0, nb, pk)
+                })
+            })
+        });
     } else {
-        tasks.iter().for_each(run);
+        // Narrow: B packed once, then a few panel ranges per thread (so that
+        // uneven ones balance).
+        let per = panels.len().div_ceil(2 * threads).max(1);
+        let ranges: Vec<(usize, usize)> = (0..panels.len())
+            .step_by(per)
+            .map(|p| (p, per.min(panels.len() - p)))
+            .collect();
+        with_packed(|buf| {
+            blocks(0, n, buf, &mut |n0, nb, pk| {
+                ranges.par_iter().for_each(|&r| run(r, n0, nb, pk))
+            })
+        });
     }
 }
 
