@@ -15,6 +15,10 @@
 //! The register tile is `mr` rows by one strip, accumulated over the whole
 //! reduction and stored once, with the block's output epilogue (bias,
 //! residual, ReLU) applied in the store.
+//!
+//! On wide maps the block still uses the `gemm` crate, on a row-major copy
+//! of the selected weights ([`Panels::unpack`]): there the copy is small
+//! beside the product and `gemm` was the faster of the two.
 
 use rayon::prelude::*;
 
@@ -247,29 +251,28 @@ pub(crate) fn gemm(
     let nc = (BLOCK_VALUES / depth / nr).max(1) * nr;
     // Over the column blocks of `j0..j0 + jn`: pack each block into `buf`,
     // then `f(n0, nb, packed)`.
-    let blocks =
-        |j0: usize, jn: usize, buf: &mut Vec<f32>, f: &mut dyn FnMut(usize, usize, &[&[f32]])| {
-            let mut n0 = j0;
-            while n0 < j0 + jn {
-                let nb = nc.min(j0 + jn - n0);
-                let strips = nb.div_ceil(nr);
-                let total: usize = terms.iter().map(|t| t.depth() * strips * nr).sum();
-                if buf.len() < total {
-                    buf.resize(total, 0.0);
-                }
-                let mut spans = Vec::with_capacity(terms.len());
-                let mut off = 0;
-                for t in terms {
-                    let len = t.depth() * strips * nr;
-                    pack_b(t.b, t.ldb, t.depth(), n0, nb, nr, &mut buf[off..off + len]);
-                    spans.push((off, len));
-                    off += len;
-                }
-                let packed: Vec<&[f32]> = spans.iter().map(|&(o, l)| &buf[o..o + l]).collect();
-                f(n0, nb, &packed);
-                n0 += nb;
+    let blocks = |j0: usize, jn: usize, buf: &mut Vec<f32>, f: &mut OnBlock<'_>| {
+        let mut n0 = j0;
+        while n0 < j0 + jn {
+            let nb = nc.min(j0 + jn - n0);
+            let strips = nb.div_ceil(nr);
+            let total: usize = terms.iter().map(|t| t.depth() * strips * nr).sum();
+            if buf.len() < total {
+                buf.resize(total, 0.0);
             }
-        };
+            let mut spans = Vec::with_capacity(terms.len());
+            let mut off = 0;
+            for t in terms {
+                let len = t.depth() * strips * nr;
+                pack_b(t.b, t.ldb, t.depth(), n0, nb, nr, &mut buf[off..off + len]);
+                spans.push((off, len));
+                off += len;
+            }
+            let packed: Vec<&[f32]> = spans.iter().map(|&(o, l)| &buf[o..o + l]).collect();
+            f(n0, nb, &packed);
+            n0 += nb;
+        }
+    };
     let run = |(p0, pn): (usize, usize), n0: usize, nb: usize, packed: &[&[f32]]| {
         let chunk = Chunk {
             terms,
@@ -316,6 +319,9 @@ pub(crate) fn gemm(
         });
     }
 }
+
+/// What [`gemm`] does with each packed column block: `(n0, nb, packed)`.
+type OnBlock<'f> = dyn FnMut(usize, usize, &[&[f32]]) + 'f;
 
 /// C's base pointer, shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
@@ -762,6 +768,38 @@ mod tests {
             }
         }
         assert!(cases >= 64, "{cases} cases");
+    }
+
+    /// `select_rows` and `unpack` give back the rows and columns of the
+    /// row-major matrix that was packed.
+    #[test]
+    fn select_and_unpack_match_the_matrix() {
+        let (rows, cols) = (13, 11);
+        let w = values(rows * cols, 9, -1.0, 1.0);
+        let at = |r: usize, c: usize| w[r * cols + c];
+        for mr in [1, 2, 4, 8] {
+            let p = Panels::pack(&w, rows, cols, mr);
+            let mut out = Vec::new();
+            p.unpack(None, &[(0, cols)], &mut out);
+            assert_eq!(out, w, "mr {mr}: full unpack");
+            let pick = [12, 0, 5, 6, 7];
+            let segs = [(1, 3), (7, 4)];
+            p.unpack(Some(&pick), &segs, &mut out);
+            let want: Vec<f32> = pick
+                .iter()
+                .flat_map(|&r| (1..4).chain(7..11).map(move |c| at(r, c)))
+                .collect();
+            assert_eq!(out, want, "mr {mr}: rows {pick:?}, columns {segs:?}");
+            let mut sel = Panels::default();
+            p.select_rows(&pick, 8, &mut sel);
+            assert_eq!((sel.count(), sel.valid(0)), (1, 5));
+            sel.unpack(None, &[(0, cols)], &mut out);
+            let want: Vec<f32> = pick
+                .iter()
+                .flat_map(|&r| (0..cols).map(move |c| at(r, c)))
+                .collect();
+            assert_eq!(out, want, "mr {mr}: select_rows");
+        }
     }
 
     #[test]
