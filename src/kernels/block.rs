@@ -535,9 +535,13 @@ impl PackedBottleneck {
         // Reduce 1x1: hid [kd, HW] = W1[selected paths] . x.
         let hid = buf(hid, kd * hw);
         let whole = [(0, cin)];
-        if hw >= WIDE_MAP {
-            row_list.clear();
+        // The selected paths' rows, where they are copied (wide maps, or
+        // paths narrower than a panel).
+        row_list.clear();
+        if hw >= WIDE_MAP || self.w1.mr() != 8 {
             row_list.extend(order.iter().flat_map(|&path| path * d..(path + 1) * d));
+        }
+        if hw >= WIDE_MAP {
             self.w1.unpack(Some(row_list), &whole, w1_sel);
             let lhs = View::rows(w1_sel, cin);
             sgemm(
@@ -566,8 +570,6 @@ impl PackedBottleneck {
                 );
                 &self.w1
             } else {
-                row_list.clear();
-                row_list.extend(order.iter().flat_map(|&path| path * d..(path + 1) * d));
                 self.w1.select_rows(row_list, 8, w1_panels);
                 panel_list.extend(0..w1_panels.count());
                 &*w1_panels

@@ -247,7 +247,9 @@ pub(crate) fn gemm(
     let nr = strip_width(isa, mr);
     let threads = threads.max(1);
     let out = OutPtr(c.as_mut_ptr());
-    let depth: usize = terms.iter().map(Term::depth).sum::<usize>().max(1);
+    // Rows of B per term (the sum of its column ranges), once.
+    let depths: Vec<usize> = terms.iter().map(Term::depth).collect();
+    let depth = depths.iter().sum::<usize>().max(1);
     let nc = (BLOCK_VALUES / depth / nr).max(1) * nr;
     // Over the column blocks of `j0..j0 + jn`: pack each block into `buf`,
     // then `f(n0, nb, packed)`.
@@ -256,15 +258,15 @@ pub(crate) fn gemm(
         while n0 < j0 + jn {
             let nb = nc.min(j0 + jn - n0);
             let strips = nb.div_ceil(nr);
-            let total: usize = terms.iter().map(|t| t.depth() * strips * nr).sum();
+            let total = depths.iter().sum::<usize>() * strips * nr;
             if buf.len() < total {
                 buf.resize(total, 0.0);
             }
             let mut spans = Vec::with_capacity(terms.len());
             let mut off = 0;
-            for t in terms {
-                let len = t.depth() * strips * nr;
-                pack_b(t.b, t.ldb, t.depth(), n0, nb, nr, &mut buf[off..off + len]);
+            for (t, &k) in terms.iter().zip(&depths) {
+                let len = k * strips * nr;
+                pack_b(t.b, t.ldb, k, n0, nb, nr, &mut buf[off..off + len]);
                 spans.push((off, len));
                 off += len;
             }
@@ -276,7 +278,9 @@ pub(crate) fn gemm(
     let run = |(p0, pn): (usize, usize), n0: usize, nb: usize, packed: &[&[f32]]| {
         let chunk = Chunk {
             terms,
+            depths: &depths,
             packed,
+            nr,
             panels: &panels[p0..p0 + pn],
             row0: p0 * mr,
             n0,
@@ -364,8 +368,13 @@ fn pack_b(b: &[f32], ldb: usize, rows: usize, n0: usize, nb: usize, nr: usize, o
 /// One task's panels over one column block.
 struct Chunk<'a> {
     terms: &'a [Term<'a>],
+    /// Rows of each term's B.
+    depths: &'a [usize],
     /// Each term's packed block (strips of `nr` columns).
     packed: &'a [&'a [f32]],
+    /// The strip width it was packed with ([`strip_width`]); the kernel
+    /// checks that it is its own.
+    nr: usize,
     panels: &'a [usize],
     /// C row of this task's first row.
     row0: usize,
@@ -564,7 +573,9 @@ simd_tile!(
 unsafe fn chunk_impl<const MR: usize, const NR: usize, K: Tile<MR, NR>>(ch: Chunk<'_>) {
     let Chunk {
         terms,
+        depths,
         packed,
+        nr,
         panels,
         row0,
         n0,
@@ -573,6 +584,7 @@ unsafe fn chunk_impl<const MR: usize, const NR: usize, K: Tile<MR, NR>>(ch: Chun
         ldc,
         epi,
     } = ch;
+    assert_eq!(nr, NR, "pgemm: B packed in strips of {nr}, kernel of {NR}");
     let strips = nb.div_ceil(NR);
     // Panel by panel, all strips of the block for each: the panel stays in
     // L1, the strips come from L2, and C and the residual are walked along
@@ -583,8 +595,7 @@ unsafe fn chunk_impl<const MR: usize, const NR: usize, K: Tile<MR, NR>>(ch: Chun
         for s in 0..strips {
             let rows = terms[0].a.valid(q);
             ops.clear();
-            for (t, pk) in terms.iter().zip(packed) {
-                let depth = t.depth();
+            for ((t, pk), &depth) in terms.iter().zip(packed).zip(depths) {
                 ops.push(Op {
                     panel: t.a.panel(q),
                     segs: t.segs,
