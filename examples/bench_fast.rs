@@ -1,12 +1,13 @@
 //! Measures the block presets and whole CNNs on both engines (Burn and the
 //! fast CPU path) and prints one JSON line per row, then a table.
 //!
-//! `cargo run --release --example bench_fast -- [WHAT] [--iters N] [--engine burn|fast|both] [--preset NAME] [--batch B]`
+//! `cargo run --release --example bench_fast -- [WHAT] [--iters N] [--engine burn|fast|both] [--preset NAME] [--batch B] [--threads T]`
 //!
 //! WHAT: `blocks` (every preset, batch 1 and 32, k = P/2 and P/4), `cnn`
 //! (CLEVR at batch 32 and 1, ResNeXt-101 at batch 2), `all` (both, the
-//! default), `profile` (the fast block's phases on one thread, plus its
-//! time with and without a fresh output buffer), `cnnprof` (where the Burn
+//! default), `profile` (the fast block's phases, split over `--threads`
+//! threads, 1 by default, plus its time with and without a fresh output
+//! buffer), `cnnprof` (where the Burn
 //! CNN's time goes: stem, pool, gate controllers, blocks), `cnnloop` (the
 //! packed CNN in a loop, for `perf`; `MODEL=vqa` for ResNeXt-101).
 
@@ -27,6 +28,8 @@ fn main() -> Result<()> {
     let mut engines = vec![Engine::Burn, Engine::Fast];
     let mut only_preset: Option<String> = None;
     let mut batches = vec![1, 32];
+    // Threads of `profile`'s phase-by-phase run (1: the calling thread).
+    let mut threads = 1;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
@@ -41,6 +44,7 @@ fn main() -> Result<()> {
             }
             "--preset" => only_preset = Some(val()?),
             "--batch" => batches = vec![val()?.parse()?],
+            "--threads" => threads = val()?.parse()?,
             "blocks" | "cnn" | "all" | "profile" | "cnnprof" | "cnnloop" => what = a,
             other => bail!("unknown argument {other}"),
         }
@@ -102,7 +106,7 @@ fn main() -> Result<()> {
                 continue;
             }
             for &batch in &batches {
-                profile(&name, &spec, batch, iters, &device)?;
+                profile(&name, &spec, batch, iters, threads, &device)?;
             }
         }
         return Ok(());
@@ -145,6 +149,7 @@ fn profile(
     spec: &BlockSpec,
     batch: usize,
     iters: usize,
+    threads: usize,
     device: &Device,
 ) -> Result<()> {
     device.seed(7);
@@ -172,7 +177,7 @@ fn profile(
         let mut best = BlockProfile::default();
         let mut best_total = f64::INFINITY;
         for _ in 0..iters.max(2) {
-            let p = packed.profile(&x, batch, h, w, gates, &mut out)?;
+            let p = packed.profile(&x, batch, h, w, gates, &mut out, threads)?;
             if p.total() < best_total {
                 best_total = p.total();
                 best = p;
@@ -187,7 +192,7 @@ fn profile(
             .map(|l| l.macs)
             .sum();
         println!(
-            "{name} N{batch} k{k}: 1-thread {:.3} ms ({:.1} GFLOP/s) = reduce {:.3} conv3x3 {:.3} shortcut {:.3} expand+epilogue {:.3} | all threads {:.3} ms (reused out {:.3})",
+            "{name} N{batch} k{k}: {threads}-thread phases {:.3} ms ({:.1} GFLOP/s) = reduce {:.3} conv3x3 {:.3} shortcut {:.3} expand+epilogue {:.3} | all threads {:.3} ms (reused out {:.3})",
             best.total(),
             2.0 * macs as f64 * batch as f64 / best.total() / 1e6,
             best.reduce,

@@ -458,9 +458,10 @@ impl PackedBottleneck {
         Ok(())
     }
 
-    /// [`Self::forward_into`] on the calling thread alone, sample after
-    /// sample, returning where the time went (phase by phase, summed over
-    /// the samples).
+    /// [`Self::forward_into`] sample after sample, each split over `threads`
+    /// threads (1: the calling thread alone), returning where the wall time
+    /// went (phase by phase, summed over the samples).
+    #[allow(clippy::too_many_arguments)]
     pub fn profile(
         &self,
         x: &[f32],
@@ -469,6 +470,7 @@ impl PackedBottleneck {
         w: usize,
         gates: Option<(&[f32], &[Vec<usize>])>,
         out: &mut [f32],
+        threads: usize,
     ) -> MoeResult<BlockProfile> {
         let geom = Geom::new(h, w, self.stride);
         self.check(x, n, h, w, gates, out)?;
@@ -484,7 +486,17 @@ impl PackedBottleneck {
                     ),
                     None => (None, None),
                 };
-                self.run_sample(isa, x_s, geom, sel, row, out_s, sc, 1, Some(&mut prof));
+                self.run_sample(
+                    isa,
+                    x_s,
+                    geom,
+                    sel,
+                    row,
+                    out_s,
+                    sc,
+                    threads.max(1),
+                    Some(&mut prof),
+                );
             }
         });
         Ok(prof)

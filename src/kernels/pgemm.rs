@@ -184,9 +184,9 @@ const BLOCK_VALUES: usize = 128 * 1024;
 /// C's row block `i` (rows `i*mr..`, the real rows of panel `panels[i]`)
 /// lands at `c[i * mr * ldc..]`, row stride `ldc`, columns `0..n`.
 ///
-/// `threads > 1` splits the work over the rayon pool: by panels when C is
-/// narrow (each task then packs the same B, which is small), by columns
-/// when it is wide (each task packs its own columns).
+/// `threads > 1` splits the work over the rayon pool: by columns when C is
+/// wide or has few panels (each task packs its own columns), else by
+/// panels (B packed once, then shared).
 ///
 /// Panics if a slice is too short for the shapes (an internal bug: callers
 /// size every buffer from validated shapes).
@@ -295,11 +295,19 @@ pub(crate) fn gemm(
         unsafe { run_chunk(isa, mr, chunk) };
     };
     let all = (0, panels.len());
+    let strips = n.div_ceil(nr);
+    // By columns when C is wide, or when it has few panels and at least a
+    // strip per thread: splitting the panels then leaves B's packing (as
+    // long as the product of a few panels) on one thread while the others
+    // wait, and each thread reading every panel costs less (a batch-1 conv4
+    // reduce at k = P/4, 16 panels, ran 0.37-0.41 ms on two threads split
+    // by panels and 0.25-0.27 by columns).
+    let by_columns = n >= 4 * nr * threads || (strips >= threads && panels.len() <= 32 * threads);
     if threads == 1 {
         with_packed(|buf| blocks(0, n, buf, &mut |n0, nb, pk| run(all, n0, nb, pk)));
-    } else if n >= 4 * nr * threads {
-        // Wide: a range of whole strips per thread, each packing its own.
-        let per = n.div_ceil(nr).div_ceil(threads) * nr;
+    } else if by_columns {
+        // A range of whole strips per thread, each packing its own.
+        let per = strips.div_ceil(threads) * nr;
         let ranges: Vec<usize> = (0..n).step_by(per).collect();
         ranges.par_iter().for_each(|&j0| {
             with_packed(|buf| {
