@@ -8,7 +8,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::conv3x3::{Geom, Isa, OutTile, PathJob, finish_out, run_path};
-use super::pgemm::{Epilogue, Panels, Term, gemm, path_mr};
+use super::pgemm::{Epilogue, Gemm, Panels, Term, path_mr, split_items};
+use super::team::{self, Phase};
 use crate::error::{MoeError, Result as MoeResult};
 use crate::fused::matmul::{View, sgemm};
 use crate::moe::block::bn_affine;
@@ -90,6 +91,8 @@ fn lap(
 struct Scratch {
     sel: Vec<usize>,
     panels: Vec<usize>,
+    /// Every panel of the expand weight, in order.
+    out_panels: Vec<usize>,
     segs: Vec<(usize, usize)>,
     rows: Vec<usize>,
     w1_panels: Panels,
@@ -144,8 +147,11 @@ pub(crate) enum Mode {
 const WIDE_MAP: usize = 512;
 
 /// Below this many multiply-adds per sample a batch smaller than the thread
-/// count still runs one sample per thread (see [`Mode`]).
-const INTRA_MIN_MACS: usize = 16 << 20;
+/// count still runs one sample per thread (see [`Mode`]). With the spinning
+/// team a split paid from about 2 M on (`ref-256x28` at batch 1, k = 8,
+/// 14 M: 0.29 ms on one thread, 0.20 on two); with rayon's joins it took
+/// 16 M.
+const INTRA_MIN_MACS: usize = 2 << 20;
 
 /// Validated per-call selection: the gate row and the paths of each sample.
 type Selection<'a> = Option<(&'a [f32], &'a [Vec<usize>])>;
@@ -422,9 +428,9 @@ impl PackedBottleneck {
         let (in_len, out_len) = (self.cin * h * w, self.cout * geom.h2 * geom.w2);
         let threads = rayon::current_num_threads().max(1);
         let mode = mode.unwrap_or_else(|| {
-            // Splitting one sample over threads costs a few tens of
-            // microseconds of wake-ups and barriers per phase: worth it only
-            // for samples of more than about a quarter millisecond of work.
+            // Splitting one sample over threads costs a wake-up (unless a
+            // helper lingers) and a spin barrier per phase: worth it from
+            // a few tens of microseconds of work.
             let k = gates.map_or(self.paths, |(_, sel)| {
                 sel.iter().map(Vec::len).max().unwrap_or(0)
             });
@@ -504,6 +510,13 @@ impl PackedBottleneck {
 
     /// One sample: `sel` the selected paths (None: all), `gate_row` its P
     /// gate values (None: weight 1); `threads > 1` splits the work inside.
+    ///
+    /// Four phases, each cut into items for [`team::run`]: the stride-2
+    /// shortcut's subsample; the reduce (by columns, or by panels of the
+    /// selected paths); the 3x3 (one item per path); the expand with the
+    /// block's output epilogue (by panels or columns, or on a wide map by
+    /// blocks of channels). Items write disjoint parts of the buffers,
+    /// through raw pointers, since they may run on any thread.
     #[allow(clippy::too_many_arguments)]
     fn run_sample(
         &self,
@@ -518,16 +531,17 @@ impl PackedBottleneck {
         mut prof: Option<&mut BlockProfile>,
     ) {
         let mut t0 = Instant::now();
-        let (cin, d, p) = (self.cin, self.d, self.paths);
+        let (cin, cout, d, p) = (self.cin, self.cout, self.d, self.paths);
         let (hw, hw2) = (geom.h * geom.w, geom.h2 * geom.w2);
         let Scratch {
             sel: order,
             panels: panel_list,
+            out_panels,
             segs,
             rows: row_list,
             w1_panels,
             w1_sel,
-            w_out: sc_w,
+            w_out: (w3_sel, wsc_sel),
             hid,
             planes,
             grid,
@@ -541,113 +555,73 @@ impl PackedBottleneck {
             None => order.extend(0..p),
         }
         order.sort_unstable();
-        let k = order.len();
-        let kd = k * d;
-
-        // Reduce 1x1: hid [kd, HW] = W1[selected paths] . x.
-        let hid = buf(hid, kd * hw);
+        let order: &[usize] = order;
+        let (k, kd) = (order.len(), order.len() * d);
         let whole = [(0, cin)];
-        // The selected paths' rows, where they are copied (wide maps, or
-        // paths narrower than a panel).
+        let (wide_in, wide_out) = (hw >= WIDE_MAP, hw2 >= WIDE_MAP);
+
+        // The reduce's weights: the selected paths' panels where they lie;
+        // on a wide map a row-major copy of their rows for `gemm`; for paths
+        // narrower than a panel (d not a multiple of 8) a copy in full
+        // panels (4-row tiles ran 30% slower; such weights are small).
         row_list.clear();
-        if hw >= WIDE_MAP || self.w1.mr() != 8 {
+        if wide_in || self.w1.mr() != 8 {
             row_list.extend(order.iter().flat_map(|&path| path * d..(path + 1) * d));
         }
-        if hw >= WIDE_MAP {
+        panel_list.clear();
+        let w1 = if wide_in {
             self.w1.unpack(Some(row_list), &whole, w1_sel);
-            let lhs = View::rows(w1_sel, cin);
-            sgemm(
-                kd,
-                hw,
-                cin,
-                hid,
-                hw,
-                lhs,
-                View::rows(x_s, hw),
-                false,
-                threads,
+            &self.w1
+        } else if self.w1.mr() == 8 {
+            let per_path = d / 8;
+            panel_list.extend(
+                order
+                    .iter()
+                    .flat_map(|&path| path * per_path..(path + 1) * per_path),
             );
+            &self.w1
         } else {
-            // From the selected paths' panels where they lie; paths narrower
-            // than a full panel (d not a multiple of 8) are copied into full
-            // panels first (4-row tiles ran 30% slower; such weights are
-            // small).
-            panel_list.clear();
-            let w1 = if self.w1.mr() == 8 {
-                let per_path = d / 8;
-                panel_list.extend(
-                    order
-                        .iter()
-                        .flat_map(|&path| path * per_path..(path + 1) * per_path),
-                );
-                &self.w1
-            } else {
-                self.w1.select_rows(row_list, 8, w1_panels);
-                panel_list.extend(0..w1_panels.count());
-                &*w1_panels
-            };
-            let reduce = Term {
-                a: w1,
-                segs: &whole,
-                b: x_s,
-                ldb: hw,
-            };
-            gemm(
-                isa,
-                &[reduce],
-                panel_list,
-                hw,
-                hid,
-                hw,
-                Epilogue::Set,
-                threads,
-            );
-        }
-        lap(&mut prof, &mut t0, |p| &mut p.reduce);
-
-        // Per path: bias + ReLU, grouped 3x3, bias + ReLU, gate.
-        let (pb, gb) = (geom.path_planes(d), geom.path_grid(d));
-        let planes = buf(planes, k * pb);
-        let grid = buf(grid, k * gb);
-        let h2 = buf(h2, kd * hw2);
-        let hid: &[f32] = hid;
-        let order: &[usize] = order;
-        let job = |j: usize| {
-            let path = order[j];
-            PathJob {
-                src: &hid[j * d * hw..(j + 1) * d * hw],
-                bias1: &self.b1[path * d..(path + 1) * d],
-                w: &self.w2[path * d * d * 9..(path + 1) * d * d * 9],
-                bias2: &self.b2[path * d..(path + 1) * d],
-                gate: gate_row.map_or(1.0, |g| g[path]),
-                d,
-                geom,
-            }
+            self.w1.select_rows(row_list, 8, w1_panels);
+            panel_list.extend(0..w1_panels.count());
+            &*w1_panels
         };
-        if threads > 1 {
-            planes
-                .par_chunks_mut(pb)
-                .zip(grid.par_chunks_mut(gb))
-                .zip(h2.par_chunks_mut(d * hw2))
-                .enumerate()
-                .for_each(|(j, ((pl, gr), o))| run_path(isa, &job(j), pl, gr, o));
-        } else {
-            for (j, ((pl, gr), o)) in planes
-                .chunks_mut(pb)
-                .zip(grid.chunks_mut(gb))
-                .zip(h2.chunks_mut(d * hw2))
-                .enumerate()
-            {
-                run_path(isa, &job(j), pl, gr, o);
+        // The expand's: the selected paths are column ranges of every panel
+        // (consecutive paths merged into one range), h2's rows in order; on
+        // a wide map a row-major copy of those columns (and of the
+        // shortcut's weight).
+        segs.clear();
+        for &path in order {
+            match segs.last_mut() {
+                Some((k0, len)) if *k0 + *len == path * d => *len += d,
+                _ => segs.push((path * d, d)),
             }
         }
-        lap(&mut prof, &mut t0, |p| &mut p.conv3x3);
+        let segs: &[(usize, usize)] = segs;
+        if wide_out {
+            self.w3.unpack(None, segs, w3_sel);
+            if let Some(wsc) = &self.wsc {
+                wsc.unpack(None, &whole, wsc_sel);
+            }
+        }
+        out_panels.clear();
+        out_panels.extend(0..self.w3.count());
+        let (w1_sel, w3_sel, wsc_sel): (&[f32], &[f32], &[f32]) = (w1_sel, w3_sel, wsc_sel);
+        let (panel_list, out_panels): (&[usize], &[usize]) = (panel_list, out_panels);
 
-        // Shortcut input [C_in, HW']: x itself, or its stride-s subsample.
-        let xs: &[f32] = if self.wsc.is_none() || geom.s == 1 {
-            x_s
-        } else {
-            let v = buf(xs, cin * hw2);
+        // Buffers, written by the phases' items through these pointers.
+        let (pb, gb) = (geom.path_planes(d), geom.path_grid(d));
+        let hid = Shared::of(buf(hid, kd * hw));
+        let planes = Shared::of(buf(planes, k * pb));
+        let grid = Shared::of(buf(grid, k * gb));
+        let h2 = Shared::of(buf(h2, kd * hw2));
+        let strided = self.wsc.is_some() && geom.s > 1;
+        let xs = Shared::of(buf(xs, if strided { cin * hw2 } else { 0 }));
+        let out = Shared::of(out_s);
+
+        // Phase 1: the shortcut input [C_in, HW'] as x's stride-s subsample.
+        let subsample = |_: usize| {
+            // SAFETY: the only item of its phase; nothing reads xs yet.
+            let v = unsafe { xs.slice_mut(0, cin * hw2) };
             for c in 0..cin {
                 for y in 0..geom.h2 {
                     let src = &x_s[(c * geom.h + y * geom.s) * geom.w..];
@@ -657,109 +631,243 @@ impl PackedBottleneck {
                     }
                 }
             }
-            v
         };
-        lap(&mut prof, &mut t0, |p| &mut p.shortcut);
 
-        // Output [C_out, HW'] = relu(W3[:, selected] . h2 (+ Wsc . xs) +
-        // bias (+ x)): the selected paths are column ranges of every panel
-        // (consecutive paths merged into one range), h2's rows in order.
-        segs.clear();
-        for &path in order {
-            match segs.last_mut() {
-                Some((k0, len)) if *k0 + *len == path * d => *len += d,
-                _ => segs.push((path * d, d)),
+        // Phase 2: reduce 1x1, hid [kd, HW] = W1[selected paths] . x.
+        let reduce_term = [Term {
+            a: w1,
+            segs: &whole,
+            b: x_s,
+            ldb: hw,
+        }];
+        // SAFETY: hid is written only by this plan's items, in phase 2.
+        let reduce_plan = (!wide_in).then(|| unsafe {
+            Gemm::new(
+                isa,
+                &reduce_term,
+                panel_list,
+                hw,
+                hid.ptr,
+                hid.len,
+                hw,
+                Epilogue::Set,
+                threads,
+            )
+        });
+        // On a wide map: `gemm` on a range of columns per item.
+        let cols = hw.div_ceil(threads);
+        let reduce_items = reduce_plan.as_ref().map_or(hw.div_ceil(cols), Gemm::items);
+        let reduce = |i: usize| match &reduce_plan {
+            Some(plan) => plan.run_item(i),
+            None => {
+                let (j0, n) = (i * cols, cols.min(hw - i * cols));
+                // SAFETY: columns j0..j0 + n of every row, this item's own.
+                let dst = unsafe { hid.slice_mut(j0, (kd - 1) * hw + n) };
+                let rhs = View::rows(&x_s[j0..], hw);
+                sgemm(kd, n, cin, dst, hw, View::rows(w1_sel, cin), rhs, false, 1);
             }
-        }
-        let h2: &[f32] = h2;
-        if hw2 >= WIDE_MAP {
-            self.wide_output(isa, x_s, xs, h2, hw2, segs, out_s, sc_w, threads);
-        } else {
-            let expand = Term {
-                a: &self.w3,
-                segs,
-                b: h2,
-                ldb: hw2,
-            };
-            let mut terms = vec![expand];
-            if let Some(wsc) = &self.wsc {
-                terms.push(Term {
-                    a: wsc,
-                    segs: &whole,
-                    b: xs,
-                    ldb: hw2,
-                });
-            }
-            panel_list.clear();
-            panel_list.extend(0..self.w3.count());
-            let epi = Epilogue::BiasRelu {
-                bias: &self.bout,
-                residual: self.wsc.is_none().then_some((x_s, hw2)),
-            };
-            gemm(isa, &terms, panel_list, hw2, out_s, hw2, epi, threads);
-        }
-        lap(&mut prof, &mut t0, |p| &mut p.expand);
-    }
-
-    /// The output on a wide map: the selected columns `segs` of the expand
-    /// weight (and the shortcut's weight) copied row-major into `sc_w`, then
-    /// by blocks of channels the `gemm` crate's products and bias + residual
-    /// + ReLU while the block is still in cache.
-    #[allow(clippy::too_many_arguments)]
-    fn wide_output(
-        &self,
-        isa: Isa,
-        x_s: &[f32],
-        xs: &[f32],
-        h2: &[f32],
-        hw2: usize,
-        segs: &[(usize, usize)],
-        out_s: &mut [f32],
-        sc_w: &mut (Vec<f32>, Vec<f32>),
-        threads: usize,
-    ) {
-        let (cin, cout) = (self.cin, self.cout);
-        let kd: usize = segs.iter().map(|s| s.1).sum();
-        let (w3, wsc) = sc_w;
-        self.w3.unpack(None, segs, w3);
-        if let Some(p) = &self.wsc {
-            p.unpack(None, &[(0, cin)], wsc);
-        }
-        let (w3, wsc): (&[f32], &[f32]) = (w3, wsc);
-        let identity = self.wsc.is_none();
-        let block = |c0: usize, dst: &mut [f32]| {
-            let m = dst.len() / hw2;
-            if !identity {
-                let lhs = View::rows(&wsc[c0 * cin..], cin);
-                sgemm(m, hw2, cin, dst, hw2, lhs, View::rows(xs, hw2), false, 1);
-            }
-            let lhs = View::rows(&w3[c0 * kd..], kd);
-            sgemm(m, hw2, kd, dst, hw2, lhs, View::rows(h2, hw2), !identity, 1);
-            let tile = OutTile {
-                src: None,
-                residual: identity.then(|| (&x_s[c0 * hw2..], hw2)),
-                bias: &self.bout[c0..c0 + m],
-                cols: hw2,
-            };
-            finish_out(isa, &tile, dst, hw2);
         };
-        // Blocks of about 256 KiB (at least 32 channels), or a few per
-        // thread when splitting a sample.
+
+        // Phase 3, one item per path: bias + ReLU, grouped 3x3, bias +
+        // ReLU, gate.
+        let conv = |j: usize| {
+            let path = order[j];
+            let job = PathJob {
+                // SAFETY: phase 2 is over; nothing writes hid any more.
+                src: unsafe { hid.slice(j * d * hw, d * hw) },
+                bias1: &self.b1[path * d..(path + 1) * d],
+                w: &self.w2[path * d * d * 9..(path + 1) * d * d * 9],
+                bias2: &self.b2[path * d..(path + 1) * d],
+                gate: gate_row.map_or(1.0, |g| g[path]),
+                d,
+                geom,
+            };
+            // SAFETY: path j's own parts of the three buffers.
+            let (pl, gr, o) = unsafe {
+                (
+                    planes.slice_mut(j * pb, pb),
+                    grid.slice_mut(j * gb, gb),
+                    h2.slice_mut(j * d * hw2, d * hw2),
+                )
+            };
+            run_path(isa, &job, pl, gr, o);
+        };
+
+        // Phase 4: output [C_out, HW'] = relu(W3[:, selected] . h2 (+ Wsc .
+        // xs) + bias (+ x)).
+        // SAFETY (the slices below): phases 1 and 3 are over; nothing
+        // writes h2 or xs any more.
+        let shortcut_in = || {
+            if strided {
+                unsafe { xs.slice(0, cin * hw2) }
+            } else {
+                x_s
+            }
+        };
+        // On a wide map, blocks of channels: about 256 KiB each (at least 32
+        // channels), or a few per thread when splitting a sample.
         let rows = if threads > 1 {
             cout.div_ceil(4 * threads).max(1)
         } else {
             (65536 / hw2).max(32)
         };
-        if threads > 1 {
-            out_s
-                .par_chunks_mut(rows * hw2)
-                .enumerate()
-                .for_each(|(i, dst)| block(i * rows, dst));
+        let expand_items = if wide_out {
+            cout.div_ceil(rows)
         } else {
-            for (i, dst) in out_s.chunks_mut(rows * hw2).enumerate() {
-                block(i * rows, dst);
+            split_items(isa, self.w3.mr(), hw2, out_panels.len(), threads)
+        };
+        let expand = |i: usize| {
+            let h2 = unsafe { h2.slice(0, kd * hw2) };
+            if wide_out {
+                let c0 = i * rows;
+                let m = rows.min(cout - c0);
+                // SAFETY: channels c0..c0 + m, this item's own.
+                let dst = unsafe { out.slice_mut(c0 * hw2, m * hw2) };
+                self.wide_block(
+                    isa,
+                    x_s,
+                    shortcut_in(),
+                    h2,
+                    (w3_sel, wsc_sel),
+                    (kd, hw2),
+                    c0,
+                    dst,
+                );
+                return;
+            }
+            let mut terms = vec![Term {
+                a: &self.w3,
+                segs,
+                b: h2,
+                ldb: hw2,
+            }];
+            if let Some(wsc) = &self.wsc {
+                terms.push(Term {
+                    a: wsc,
+                    segs: &whole,
+                    b: shortcut_in(),
+                    ldb: hw2,
+                });
+            }
+            let epi = Epilogue::BiasRelu {
+                bias: &self.bout,
+                residual: self.wsc.is_none().then_some((x_s, hw2)),
+            };
+            // SAFETY: out is written only by this plan's items (the same
+            // cut in every item: the same shapes and thread count).
+            let plan = unsafe {
+                Gemm::new(
+                    isa, &terms, out_panels, hw2, out.ptr, out.len, hw2, epi, threads,
+                )
+            };
+            plan.run_item(i);
+        };
+
+        let phases: [Phase<'_>; 4] = [
+            (usize::from(strided), &subsample),
+            (reduce_items, &reduce),
+            (k, &conv),
+            (expand_items, &expand),
+        ];
+        match prof.as_deref_mut() {
+            None => team::run(threads, &phases),
+            Some(_) => {
+                let slots: [fn(&mut BlockProfile) -> &mut f64; 4] = [
+                    |p| &mut p.shortcut,
+                    |p| &mut p.reduce,
+                    |p| &mut p.conv3x3,
+                    |p| &mut p.expand,
+                ];
+                for (phase, slot) in phases.iter().zip(slots) {
+                    team::run(threads, std::slice::from_ref(phase));
+                    lap(&mut prof, &mut t0, slot);
+                }
             }
         }
+    }
+
+    /// Output channels `c0..` (as many as `dst` holds) on a wide map of
+    /// `hw2` positions: the `gemm` crate's products with the row-major
+    /// copies `(w3, wsc)` of the selected expand columns (`kd` of them) and
+    /// of the shortcut, then bias + residual + ReLU while the block is
+    /// still in cache.
+    #[allow(clippy::too_many_arguments)]
+    fn wide_block(
+        &self,
+        isa: Isa,
+        x_s: &[f32],
+        xs: &[f32],
+        h2: &[f32],
+        (w3, wsc): (&[f32], &[f32]),
+        (kd, hw2): (usize, usize),
+        c0: usize,
+        dst: &mut [f32],
+    ) {
+        let cin = self.cin;
+        let m = dst.len() / hw2;
+        let identity = self.wsc.is_none();
+        if !identity {
+            let lhs = View::rows(&wsc[c0 * cin..], cin);
+            sgemm(m, hw2, cin, dst, hw2, lhs, View::rows(xs, hw2), false, 1);
+        }
+        let lhs = View::rows(&w3[c0 * kd..], kd);
+        sgemm(m, hw2, kd, dst, hw2, lhs, View::rows(h2, hw2), !identity, 1);
+        let tile = OutTile {
+            src: None,
+            residual: identity.then(|| (&x_s[c0 * hw2..], hw2)),
+            bias: &self.bout[c0..c0 + m],
+            cols: hw2,
+        };
+        finish_out(isa, &tile, dst, hw2);
+    }
+}
+
+/// A scratch buffer shared by the items of a phase, each writing its own
+/// part of it (see [`PackedBottleneck::run_sample`]).
+#[derive(Clone, Copy)]
+struct Shared {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: items touch disjoint parts (or, in a later phase, only read); see
+// the callers of `slice` / `slice_mut`.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn of(v: &mut [f32]) -> Shared {
+        Shared {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+        }
+    }
+
+    /// `len` values from `at`.
+    /// # Safety
+    /// Nobody may write them while the slice lives.
+    unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a [f32] {
+        assert!(
+            at + len <= self.len,
+            "shared buffer: {at}+{len} past {}",
+            self.len
+        );
+        // SAFETY: in bounds (asserted); the caller excludes writers.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(at), len) }
+    }
+
+    /// `len` values from `at`, to write.
+    /// # Safety
+    /// Nobody else may read or write them while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+        assert!(
+            at + len <= self.len,
+            "shared buffer: {at}+{len} past {}",
+            self.len
+        );
+        // SAFETY: in bounds (asserted); the caller guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) }
     }
 }
 

@@ -32,7 +32,10 @@
 //!   x86-64 and picked at run time (`is_x86_feature_detected!`);
 //! - parallelism: over samples (each sample single-threaded) when the batch
 //!   has at least as many samples as threads, otherwise inside the sample
-//!   (the GEMMs by panels or column ranges, the 3x3 by path).
+//!   (the GEMMs by panels or column ranges, the 3x3 by path), as phases of
+//!   a `team` of threads that wait for each other by spinning instead of
+//!   rayon's joins (a parked worker took 20-500 us to wake on the 2-vCPU
+//!   VM, a batch-1 block phase is 0.05-0.3 ms).
 //!
 //! Dense execution is the same code with all P paths, so dense and sparse
 //! timings compare like with like.
@@ -57,6 +60,7 @@ mod conv3x3;
 mod gate;
 mod pgemm;
 mod stem;
+mod team;
 
 use std::str::FromStr;
 

@@ -20,8 +20,6 @@
 //! of the selected weights ([`Panels::unpack`]): there the copy is small
 //! beside the product and `gemm` was the faster of the two.
 
-use rayon::prelude::*;
-
 use crate::fused::isa::Isa;
 
 /// A row-major `[rows, cols]` matrix packed in panels of `mr` rows: panel `q`
@@ -179,84 +177,207 @@ pub(crate) enum Epilogue<'a> {
 /// (2048 rows of B, 49 columns) is one block, so its weights are read once.
 const BLOCK_VALUES: usize = 128 * 1024;
 
+/// How a product's work is cut into items for threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    /// Nothing to do (no columns or no panels).
+    Empty,
+    /// One item: everything.
+    Whole,
+    /// Item `i`: columns `i * per..`, every panel (each packs its columns).
+    Columns { per: usize },
+    /// Item `i`: panels `i * per..`, every column (each packs all of B).
+    Panels { per: usize },
+}
+
+impl Split {
+    /// By columns when C is wide, or when it has few panels and at least a
+    /// strip per thread: each item then packs only its share of B (a
+    /// batch-1 conv4 reduce at k = P/4, 16 panels, ran 0.37-0.41 ms on two
+    /// threads with B packed on one and 0.25-0.27 by columns). Else by
+    /// panels, each item packing all of B: as fast as packing it once on
+    /// one thread while the others wait, and B is then small beside the
+    /// panels' work.
+    fn new(isa: Isa, mr: usize, n: usize, panels: usize, threads: usize) -> Split {
+        let strips = n.div_ceil(strip_width(isa, mr));
+        if n == 0 || panels == 0 {
+            Split::Empty
+        } else if threads <= 1 {
+            Split::Whole
+        } else if strips >= 4 * threads || (strips >= threads && panels <= 32 * threads) {
+            Split::Columns {
+                per: strips.div_ceil(threads) * strip_width(isa, mr),
+            }
+        } else {
+            Split::Panels {
+                per: panels.div_ceil(threads),
+            }
+        }
+    }
+
+    fn items(self, n: usize, panels: usize) -> usize {
+        match self {
+            Split::Empty => 0,
+            Split::Whole => 1,
+            Split::Columns { per } => n.div_ceil(per),
+            Split::Panels { per } => panels.div_ceil(per),
+        }
+    }
+}
+
+/// Items [`Gemm::new`] will cut a product of `panels` panels of `mr` rows
+/// and `n` columns into for `threads` threads.
+pub(crate) fn split_items(isa: Isa, mr: usize, n: usize, panels: usize, threads: usize) -> usize {
+    Split::new(isa, mr, n, panels, threads).items(n, panels)
+}
+
 /// `C = sum over terms of A[panels] . B` (then the epilogue), for the
 /// panels `panels` of the terms' `a` (all with the same `mr` and rows):
 /// C's row block `i` (rows `i*mr..`, the real rows of panel `panels[i]`)
-/// lands at `c[i * mr * ldc..]`, row stride `ldc`, columns `0..n`.
-///
-/// `threads > 1` splits the work over the rayon pool: by columns when C is
-/// wide or has few panels (each task packs its own columns), else by
-/// panels (B packed once, then shared).
-///
-/// Panics if a slice is too short for the shapes (an internal bug: callers
-/// size every buffer from validated shapes).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
+/// lands at `C[i * mr * ldc..]`, row stride `ldc`, columns `0..n`. Cut into
+/// items that may run on any threads in any order ([`Gemm::run_item`],
+/// e.g. as a phase of [`super::team::run`]); the items write disjoint
+/// parts of C.
+pub(crate) struct Gemm<'a> {
     isa: Isa,
-    terms: &[Term<'_>],
-    panels: &[usize],
+    terms: &'a [Term<'a>],
+    panels: &'a [usize],
     n: usize,
-    c: &mut [f32],
+    out: OutPtr,
     ldc: usize,
-    epi: Epilogue<'_>,
-    threads: usize,
-) {
-    let Some(first) = terms.first() else { return };
-    let mr = first.a.mr;
-    assert!(
-        terms
-            .iter()
-            .all(|t| t.a.mr == mr && t.a.rows == first.a.rows),
-        "pgemm: terms with different panel shapes"
-    );
-    if n == 0 || panels.is_empty() {
-        return;
-    }
-    assert!(
-        panels.iter().all(|&q| q < first.a.count())
-            && panels[..panels.len() - 1]
-                .iter()
-                .all(|&q| first.a.valid(q) == mr),
-        "pgemm: panel out of range, or a partial panel before the last"
-    );
-    let c_rows = (panels.len() - 1) * mr + first.a.valid(panels[panels.len() - 1]);
-    assert!(
-        (c_rows - 1) * ldc + n <= c.len() && ldc >= n,
-        "pgemm: C too short for {c_rows} rows of {n}"
-    );
-    if let Epilogue::BiasRelu { bias, residual } = epi {
-        assert!(bias.len() >= c_rows, "pgemm: bias too short");
-        if let Some((res, ld)) = residual {
+    epi: Epilogue<'a>,
+    mr: usize,
+    nr: usize,
+    /// Columns per packed block.
+    nc: usize,
+    /// Rows of B per term (the sum of its column ranges).
+    depths: Vec<usize>,
+    split: Split,
+}
+
+impl<'a> Gemm<'a> {
+    /// The plan for `threads` threads, C at `c` (`c_len` values). Panics if
+    /// a slice is too short for the shapes (an internal bug: callers size
+    /// every buffer from validated shapes).
+    ///
+    /// # Safety
+    /// `c` must be valid for writes of `c_len` values, and nothing but this
+    /// plan's items may read or write C from here until the last item has
+    /// run.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn new(
+        isa: Isa,
+        terms: &'a [Term<'a>],
+        panels: &'a [usize],
+        n: usize,
+        c: *mut f32,
+        c_len: usize,
+        ldc: usize,
+        epi: Epilogue<'a>,
+        threads: usize,
+    ) -> Gemm<'a> {
+        let mr = terms.first().map_or(8, |t| t.a.mr);
+        let nr = strip_width(isa, mr);
+        let depths: Vec<usize> = terms.iter().map(Term::depth).collect();
+        let depth = depths.iter().sum::<usize>().max(1);
+        let mut split = Split::new(isa, mr, n, panels.len(), threads.max(1));
+        if let Some(first) = terms.first() {
             assert!(
-                ld >= n && (c_rows - 1) * ld + n <= res.len(),
-                "pgemm: residual too short"
+                terms
+                    .iter()
+                    .all(|t| t.a.mr == mr && t.a.rows == first.a.rows),
+                "pgemm: terms with different panel shapes"
+            );
+        } else {
+            split = Split::Empty;
+        }
+        if split != Split::Empty {
+            Self::check(terms, panels, n, c_len, ldc, epi);
+        }
+        Gemm {
+            isa,
+            terms,
+            panels,
+            n,
+            out: OutPtr(c),
+            ldc,
+            epi,
+            mr,
+            nr,
+            nc: (BLOCK_VALUES / depth / nr).max(1) * nr,
+            depths,
+            split,
+        }
+    }
+
+    /// Asserts that every slice covers the shapes (C, the bias, the
+    /// residual, each term's weight and B).
+    fn check(
+        terms: &[Term<'_>],
+        panels: &[usize],
+        n: usize,
+        c_len: usize,
+        ldc: usize,
+        epi: Epilogue<'_>,
+    ) {
+        let a = terms[0].a;
+        let mr = a.mr;
+        assert!(
+            panels.iter().all(|&q| q < a.count())
+                && panels[..panels.len() - 1].iter().all(|&q| a.valid(q) == mr),
+            "pgemm: panel out of range, or a partial panel before the last"
+        );
+        let c_rows = (panels.len() - 1) * mr + a.valid(panels[panels.len() - 1]);
+        assert!(
+            (c_rows - 1) * ldc + n <= c_len && ldc >= n,
+            "pgemm: C too short for {c_rows} rows of {n}"
+        );
+        if let Epilogue::BiasRelu { bias, residual } = epi {
+            assert!(bias.len() >= c_rows, "pgemm: bias too short");
+            if let Some((res, ld)) = residual {
+                assert!(
+                    ld >= n && (c_rows - 1) * ld + n <= res.len(),
+                    "pgemm: residual too short"
+                );
+            }
+        }
+        for t in terms {
+            assert!(
+                t.segs.iter().all(|&(k0, len)| k0 + len <= t.a.cols),
+                "pgemm: column range past the weight"
+            );
+            let k = t.depth();
+            assert!(
+                k == 0 || (t.ldb >= n && (k - 1) * t.ldb + n <= t.b.len()),
+                "pgemm: B too short for {k} rows of {n}"
             );
         }
     }
-    for t in terms {
-        assert!(
-            t.segs.iter().all(|&(k0, len)| k0 + len <= t.a.cols),
-            "pgemm: column range past the weight"
-        );
-        let k = t.depth();
-        assert!(
-            k == 0 || (t.ldb >= n && (k - 1) * t.ldb + n <= t.b.len()),
-            "pgemm: B too short for {k} rows of {n}"
-        );
+
+    /// Number of items.
+    pub fn items(&self) -> usize {
+        self.split.items(self.n, self.panels.len())
     }
-    let nr = strip_width(isa, mr);
-    let threads = threads.max(1);
-    let out = OutPtr(c.as_mut_ptr());
-    // Rows of B per term (the sum of its column ranges), once.
-    let depths: Vec<usize> = terms.iter().map(Term::depth).collect();
-    let depth = depths.iter().sum::<usize>().max(1);
-    let nc = (BLOCK_VALUES / depth / nr).max(1) * nr;
-    // Over the column blocks of `j0..j0 + jn`: pack each block into `buf`,
-    // then `f(n0, nb, packed)`.
-    let blocks = |j0: usize, jn: usize, buf: &mut Vec<f32>, f: &mut OnBlock<'_>| {
+
+    /// Runs item `i` (`< self.items()`) on this thread.
+    pub fn run_item(&self, i: usize) {
+        let (n, np) = (self.n, self.panels.len());
+        let (cols, panels) = match self.split {
+            Split::Empty => return,
+            Split::Whole => ((0, n), (0, np)),
+            Split::Columns { per } => ((i * per, per.min(n - i * per)), (0, np)),
+            Split::Panels { per } => ((0, n), (i * per, per.min(np - i * per))),
+        };
+        with_packed(|buf| self.blocks(cols, panels, buf));
+    }
+
+    /// Panels `p0..p0 + pn` over columns `j0..j0 + jn`, block by block of
+    /// columns, each block packed into `buf` first.
+    fn blocks(&self, (j0, jn): (usize, usize), (p0, pn): (usize, usize), buf: &mut Vec<f32>) {
+        let (nr, terms, depths) = (self.nr, self.terms, &self.depths);
         let mut n0 = j0;
         while n0 < j0 + jn {
-            let nb = nc.min(j0 + jn - n0);
+            let nb = self.nc.min(j0 + jn - n0);
             let strips = nb.div_ceil(nr);
             let total = depths.iter().sum::<usize>() * strips * nr;
             if buf.len() < total {
@@ -264,76 +385,34 @@ pub(crate) fn gemm(
             }
             let mut spans = Vec::with_capacity(terms.len());
             let mut off = 0;
-            for (t, &k) in terms.iter().zip(&depths) {
+            for (t, &k) in terms.iter().zip(depths) {
                 let len = k * strips * nr;
                 pack_b(t.b, t.ldb, k, n0, nb, nr, &mut buf[off..off + len]);
                 spans.push((off, len));
                 off += len;
             }
             let packed: Vec<&[f32]> = spans.iter().map(|&(o, l)| &buf[o..o + l]).collect();
-            f(n0, nb, &packed);
+            let chunk = Chunk {
+                terms,
+                depths,
+                packed: &packed,
+                nr,
+                panels: &self.panels[p0..p0 + pn],
+                row0: p0 * self.mr,
+                n0,
+                nb,
+                c: self.out,
+                ldc: self.ldc,
+                epi: self.epi,
+            };
+            // SAFETY: items write disjoint parts of C (different row blocks
+            // or different columns), inside the length `check` asserted;
+            // nothing else touches C while they run (`new`'s contract).
+            unsafe { run_chunk(self.isa, self.mr, chunk) };
             n0 += nb;
         }
-    };
-    let run = |(p0, pn): (usize, usize), n0: usize, nb: usize, packed: &[&[f32]]| {
-        let chunk = Chunk {
-            terms,
-            depths: &depths,
-            packed,
-            nr,
-            panels: &panels[p0..p0 + pn],
-            row0: p0 * mr,
-            n0,
-            nb,
-            c: out,
-            ldc,
-            epi,
-        };
-        // SAFETY: tasks write disjoint parts of C (different row blocks or
-        // different columns), inside the length asserted above; nothing else
-        // touches `c` while they run.
-        unsafe { run_chunk(isa, mr, chunk) };
-    };
-    let all = (0, panels.len());
-    let strips = n.div_ceil(nr);
-    // By columns when C is wide, or when it has few panels and at least a
-    // strip per thread: splitting the panels then leaves B's packing (as
-    // long as the product of a few panels) on one thread while the others
-    // wait, and each thread reading every panel costs less (a batch-1 conv4
-    // reduce at k = P/4, 16 panels, ran 0.37-0.41 ms on two threads split
-    // by panels and 0.25-0.27 by columns).
-    let by_columns = n >= 4 * nr * threads || (strips >= threads && panels.len() <= 32 * threads);
-    if threads == 1 {
-        with_packed(|buf| blocks(0, n, buf, &mut |n0, nb, pk| run(all, n0, nb, pk)));
-    } else if by_columns {
-        // A range of whole strips per thread, each packing its own.
-        let per = strips.div_ceil(threads) * nr;
-        let ranges: Vec<usize> = (0..n).step_by(per).collect();
-        ranges.par_iter().for_each(|&j0| {
-            with_packed(|buf| {
-                blocks(j0, per.min(n - j0), buf, &mut |n0, nb, pk| {
-                    run(all, n0, nb, pk)
-                })
-            })
-        });
-    } else {
-        // Narrow: B packed once, then a few panel ranges per thread (so that
-        // uneven ones balance).
-        let per = panels.len().div_ceil(2 * threads).max(1);
-        let ranges: Vec<(usize, usize)> = (0..panels.len())
-            .step_by(per)
-            .map(|p| (p, per.min(panels.len() - p)))
-            .collect();
-        with_packed(|buf| {
-            blocks(0, n, buf, &mut |n0, nb, pk| {
-                ranges.par_iter().for_each(|&r| run(r, n0, nb, pk))
-            })
-        });
     }
 }
-
-/// What [`gemm`] does with each packed column block: `(n0, nb, packed)`.
-type OnBlock<'f> = dyn FnMut(usize, usize, &[&[f32]]) + 'f;
 
 /// C's base pointer, shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
@@ -664,6 +743,37 @@ fn store<const MR: usize, const NR: usize>(
 mod tests {
     use super::*;
     use crate::fused::testing::values;
+
+    /// `C = sum over terms of A[panels] . B` (then the epilogue), the plan's
+    /// items run on `threads` threads.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        isa: Isa,
+        terms: &[Term<'_>],
+        panels: &[usize],
+        n: usize,
+        c: &mut [f32],
+        ldc: usize,
+        epi: Epilogue<'_>,
+        threads: usize,
+    ) {
+        // SAFETY: `c` is borrowed mutably for the call; only the plan's
+        // items write it.
+        let plan = unsafe {
+            Gemm::new(
+                isa,
+                terms,
+                panels,
+                n,
+                c.as_mut_ptr(),
+                c.len(),
+                ldc,
+                epi,
+                threads,
+            )
+        };
+        crate::kernels::team::run(threads, &[(plan.items(), &|i| plan.run_item(i))]);
+    }
 
     fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Generic];
