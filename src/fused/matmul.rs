@@ -40,17 +40,57 @@ pub(crate) fn sgemm(
     accumulate: bool,
     threads: usize,
 ) {
+    // SAFETY: `dst` is uniquely borrowed for the call, so nothing else
+    // touches it and it aliases neither shared view.
+    unsafe {
+        sgemm_ptr(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst.len(),
+            dst_rs,
+            lhs,
+            rhs,
+            accumulate,
+            threads,
+        )
+    }
+}
+
+/// [`sgemm`] into `dst_len` values at `dst`, of which it writes only the
+/// elements (i, j), i < m, j < n, at `i * dst_rs + j`: threads may fill
+/// disjoint column ranges of one matrix at once.
+///
+/// # Safety
+/// `dst` must be valid for reads and writes of `dst_len` values; nothing
+/// else may touch the elements written meanwhile, and they must not
+/// overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_ptr(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_len: usize,
+    dst_rs: usize,
+    lhs: View<'_>,
+    rhs: View<'_>,
+    accumulate: bool,
+    threads: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
     assert!(
-        (m - 1) * dst_rs + n <= dst.len() && lhs.fits(m, k) && rhs.fits(k, n),
+        (m - 1) * dst_rs + n <= dst_len && lhs.fits(m, k) && rhs.fits(k, n),
         "sgemm: view too short for {m}x{k} * {k}x{n}"
     );
     if k == 0 {
         if !accumulate {
             for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+                // SAFETY: in bounds (asserted) and the caller's own.
+                unsafe { std::ptr::write_bytes(dst.add(i * dst_rs), 0, n) };
             }
         }
         return;
@@ -62,14 +102,14 @@ pub(crate) fn sgemm(
     };
     // SAFETY: the assertion above bounds every index gemm touches
     // (dst (i, j) at i*dst_rs + j, lhs (i, l) at i*rs + l*cs, rhs (l, j) at
-    // l*rs + j*cs, all strides non-negative), `dst` is uniquely borrowed and
-    // does not alias the shared `lhs`/`rhs` borrows.
+    // l*rs + j*cs, all strides non-negative); the caller guarantees that
+    // the written elements are its own and alias neither view.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_rs as isize,
             accumulate,

@@ -11,7 +11,7 @@ use super::conv3x3::{Geom, Isa, OutTile, PathJob, finish_out, run_path};
 use super::pgemm::{Epilogue, Gemm, Panels, Term, path_mr, split_items};
 use super::team::{self, Phase};
 use crate::error::{MoeError, Result as MoeResult};
-use crate::fused::matmul::{View, sgemm};
+use crate::fused::matmul::{View, sgemm, sgemm_ptr};
 use crate::moe::block::bn_affine;
 use crate::moe::{Bottleneck, Gates};
 
@@ -661,10 +661,23 @@ impl PackedBottleneck {
             Some(plan) => plan.run_item(i),
             None => {
                 let (j0, n) = (i * cols, cols.min(hw - i * cols));
-                // SAFETY: columns j0..j0 + n of every row, this item's own.
-                let dst = unsafe { hid.slice_mut(j0, (kd - 1) * hw + n) };
                 let rhs = View::rows(&x_s[j0..], hw);
-                sgemm(kd, n, cin, dst, hw, View::rows(w1_sel, cin), rhs, false, 1);
+                // SAFETY: it writes only columns j0..j0 + n of hid's rows,
+                // this item's own; j0 < hw <= hid.len.
+                unsafe {
+                    sgemm_ptr(
+                        kd,
+                        n,
+                        cin,
+                        hid.at(j0),
+                        hid.len - j0,
+                        hw,
+                        View::rows(w1_sel, cin),
+                        rhs,
+                        false,
+                        1,
+                    )
+                };
             }
         };
 
@@ -841,6 +854,12 @@ impl Shared {
             ptr: v.as_mut_ptr(),
             len: v.len(),
         }
+    }
+
+    /// The address of value `at` (at most `len`).
+    fn at(self, at: usize) -> *mut f32 {
+        assert!(at <= self.len, "shared buffer: {at} past {}", self.len);
+        self.ptr.wrapping_add(at)
     }
 
     /// `len` values from `at`.
