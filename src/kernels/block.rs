@@ -1,6 +1,7 @@
 //! [`PackedBottleneck`]: one eval-mode bottleneck block on host slices.
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use burn::tensor::{Tensor, TensorData};
@@ -49,13 +50,19 @@ pub struct PackedBottleneck {
     wsc: Option<Panels>,
     /// BN3 shift plus the shortcut BN's shift [C_out].
     bout: Vec<f32>,
+    /// Every panel of `w3`, in order (the expand's panel list).
+    w3_panels: Vec<usize>,
+    /// `wsc` row-major for the `gemm` crate, made on the first call on a
+    /// wide output map (it does not depend on the selection).
+    wsc_rows: OnceLock<Vec<f32>>,
 }
 
-/// Where one thread's time goes in a block, milliseconds summed over the
-/// samples ([`PackedBottleneck::profile`]).
+/// Where a block's wall time goes, phase by phase, milliseconds summed over
+/// the samples ([`PackedBottleneck::profile`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct BlockProfile {
-    /// Reduce 1x1 GEMM (the selected paths' panels).
+    /// Reduce 1x1 GEMM (the selected paths' panels), with the choice of
+    /// panels and column ranges and any weight copies before it.
     pub reduce: f64,
     /// Per path: bias + ReLU into padded planes, 3x3, bias + ReLU + gate.
     pub conv3x3: f64,
@@ -91,14 +98,12 @@ fn lap(
 struct Scratch {
     sel: Vec<usize>,
     panels: Vec<usize>,
-    /// Every panel of the expand weight, in order.
-    out_panels: Vec<usize>,
     segs: Vec<(usize, usize)>,
     rows: Vec<usize>,
     w1_panels: Panels,
     w1_sel: Vec<f32>,
-    /// Row-major expand and shortcut weights on wide maps.
-    w_out: (Vec<f32>, Vec<f32>),
+    /// Row-major selected expand columns on wide maps.
+    w3_sel: Vec<f32>,
     hid: Vec<f32>,
     planes: Vec<f32>,
     grid: Vec<f32>,
@@ -248,9 +253,11 @@ impl PackedBottleneck {
             b1,
             w2,
             b2,
+            w3_panels: (0..w3.count()).collect(),
             w3,
             wsc,
             bout,
+            wsc_rows: OnceLock::new(),
         })
     }
 
@@ -536,12 +543,11 @@ impl PackedBottleneck {
         let Scratch {
             sel: order,
             panels: panel_list,
-            out_panels,
             segs,
             rows: row_list,
             w1_panels,
             w1_sel,
-            w_out: (w3_sel, wsc_sel),
+            w3_sel,
             hid,
             planes,
             grid,
@@ -597,26 +603,29 @@ impl PackedBottleneck {
             }
         }
         let segs: &[(usize, usize)] = segs;
+        let mut wsc_sel: &[f32] = &[];
         if wide_out {
             self.w3.unpack(None, segs, w3_sel);
             if let Some(wsc) = &self.wsc {
-                wsc.unpack(None, &whole, wsc_sel);
+                wsc_sel = self.wsc_rows.get_or_init(|| {
+                    let mut rows = Vec::new();
+                    wsc.unpack(None, &whole, &mut rows);
+                    rows
+                });
             }
         }
-        out_panels.clear();
-        out_panels.extend(0..self.w3.count());
-        let (w1_sel, w3_sel, wsc_sel): (&[f32], &[f32], &[f32]) = (w1_sel, w3_sel, wsc_sel);
-        let (panel_list, out_panels): (&[usize], &[usize]) = (panel_list, out_panels);
+        let (w1_sel, w3_sel): (&[f32], &[f32]) = (w1_sel, w3_sel);
+        let (panel_list, out_panels): (&[usize], &[usize]) = (panel_list, &self.w3_panels);
 
         // Buffers, written by the phases' items through these pointers.
         let (pb, gb) = (geom.path_planes(d), geom.path_grid(d));
-        let hid = Shared::of(buf(hid, kd * hw));
-        let planes = Shared::of(buf(planes, k * pb));
-        let grid = Shared::of(buf(grid, k * gb));
-        let h2 = Shared::of(buf(h2, kd * hw2));
+        let hid = SharedBuf::of(buf(hid, kd * hw));
+        let planes = SharedBuf::of(buf(planes, k * pb));
+        let grid = SharedBuf::of(buf(grid, k * gb));
+        let h2 = SharedBuf::of(buf(h2, kd * hw2));
         let strided = self.wsc.is_some() && geom.s > 1;
-        let xs = Shared::of(buf(xs, if strided { cin * hw2 } else { 0 }));
-        let out = Shared::of(out_s);
+        let xs = SharedBuf::of(buf(xs, if strided { cin * hw2 } else { 0 }));
+        let out = SharedBuf::of(out_s);
 
         // Phase 1: the shortcut input [C_in, HW'] as x's stride-s subsample.
         let subsample = |_: usize| {
@@ -785,6 +794,8 @@ impl PackedBottleneck {
         match prof.as_deref_mut() {
             None => team::run(threads, &phases),
             Some(_) => {
+                // The selection and weight copies above count as reduce.
+                lap(&mut prof, &mut t0, |p| &mut p.reduce);
                 let slots: [fn(&mut BlockProfile) -> &mut f64; 4] = [
                     |p| &mut p.shortcut,
                     |p| &mut p.reduce,
@@ -838,19 +849,19 @@ impl PackedBottleneck {
 /// A scratch buffer shared by the items of a phase, each writing its own
 /// part of it (see [`PackedBottleneck::run_sample`]).
 #[derive(Clone, Copy)]
-struct Shared {
+struct SharedBuf {
     ptr: *mut f32,
     len: usize,
 }
 
 // SAFETY: items touch disjoint parts (or, in a later phase, only read); see
 // the callers of `slice` / `slice_mut`.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
+unsafe impl Send for SharedBuf {}
+unsafe impl Sync for SharedBuf {}
 
-impl Shared {
-    fn of(v: &mut [f32]) -> Shared {
-        Shared {
+impl SharedBuf {
+    fn of(v: &mut [f32]) -> SharedBuf {
+        SharedBuf {
             ptr: v.as_mut_ptr(),
             len: v.len(),
         }

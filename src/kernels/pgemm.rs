@@ -199,14 +199,15 @@ impl Split {
     /// one thread while the others wait, and B is then small beside the
     /// panels' work.
     fn new(isa: Isa, mr: usize, n: usize, panels: usize, threads: usize) -> Split {
-        let strips = n.div_ceil(strip_width(isa, mr));
+        let nr = strip_width(isa, mr);
+        let strips = n.div_ceil(nr);
         if n == 0 || panels == 0 {
             Split::Empty
         } else if threads <= 1 {
             Split::Whole
         } else if strips >= 4 * threads || (strips >= threads && panels <= 32 * threads) {
             Split::Columns {
-                per: strips.div_ceil(threads) * strip_width(isa, mr),
+                per: strips.div_ceil(threads) * nr,
             }
         } else {
             Split::Panels {
