@@ -85,6 +85,10 @@ fn main() {
     };
     let stem = median(|| backward_to(stem_pool(images.clone()), &model.cnn.stem.conv.weight.val()));
     let stem_conv = median(|| {
+        let x = moevqa::fused::conv::conv2d(images.clone(), &model.cnn.stem.conv);
+        backward_to(x, &model.cnn.stem.conv.weight.val())
+    });
+    let stem_conv_burn = median(|| {
         let x = model.cnn.stem.conv.forward(images.clone());
         backward_to(x, &model.cnn.stem.conv.weight.val())
     });
@@ -102,7 +106,9 @@ fn main() {
         let x = moevqa::fused::maxpool::max_pool(pool_in.clone(), model.cnn.pool.as_ref().unwrap());
         backward_to(x, &pool_in)
     });
-    println!("stem conv {stem_conv:.1}, conv+bn+relu {stem_bn:.1}, pool {pool:.1}");
+    println!(
+        "stem conv {stem_conv:.1} (Burn's conv {stem_conv_burn:.1}), conv+bn+relu {stem_bn:.1}, pool {pool:.1}"
+    );
     let mut x = stem_pool(images.clone()).detach();
     let mut parts = String::new();
     for (block, ctrl) in model.cnn.blocks.iter().zip(&model.cnn.gates) {
@@ -116,11 +122,16 @@ fn main() {
             backward_to(y, &block.reduce.weight.val())
         });
         let conv = median(|| {
+            use moevqa::fused::conv::conv2d;
+            let y = conv2d(conv2d(x.clone(), &block.reduce), &block.conv);
+            backward_to(y, &block.conv.weight.val())
+        });
+        let conv_burn = median(|| {
             let y = block.conv.forward(block.reduce.forward(x.clone()));
             backward_to(y, &block.conv.weight.val())
         });
         parts += &format!(
-            " [{:?}: gate {gate:.1}, block {body:.1} (reduce+3x3 {conv:.1})]",
+            " [{:?}: gate {gate:.1}, block {body:.1} (reduce+3x3 {conv:.1}, on Burn's convs {conv_burn:.1})]",
             x.dims()
         );
         x = block.forward_dense(x.clone(), Some(gv)).unwrap().detach();

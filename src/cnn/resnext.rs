@@ -85,7 +85,8 @@ impl ConvBn {
 
     /// conv, BN, ReLU.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        crate::fused::batchnorm::batch_norm(self.conv.forward(x), &self.bn, None, true)
+        let y = crate::fused::conv::conv2d(x, &self.conv);
+        crate::fused::batchnorm::batch_norm(y, &self.bn, None, true)
     }
 }
 

@@ -31,6 +31,13 @@ impl Isa {
     }
 }
 
+/// `a * b + c`, fused where the target has FMA (without it `mul_add` would
+/// be a libm call).
+#[inline(always)]
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
 /// Defines `$name(isa, args..)` that runs `$imp::<FMA>(args..)` compiled for
 /// the detected instruction set (the loops inside are auto-vectorised).
 macro_rules! multiversion {

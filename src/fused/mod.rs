@@ -1,9 +1,9 @@
 //! Training ops with their own backward pass on the CPU (Burn's backend
 //! extension API on the Flex device), for the parts of a training step that
 //! Burn's generic ops run slowly: g of the Relation Network ([`relate`]),
-//! the stem's max pool ([`maxpool`]), batch norm with the ReLU and the
-//! residual add that follow it ([`batchnorm`]) and the gate controllers'
-//! soft attention ([`attention`]).
+//! the CNN's convolutions ([`conv`]), the stem's max pool ([`maxpool`]),
+//! batch norm with the ReLU and the residual add that follow it
+//! ([`batchnorm`]) and the gate controllers' soft attention ([`attention`]).
 //!
 //! Each op takes Burn tensors and routes at run time (`route`): on Flex with
 //! autodiff it registers its own backward step, on Flex without autodiff it
@@ -16,6 +16,7 @@
 
 pub mod attention;
 pub mod batchnorm;
+pub mod conv;
 pub(crate) mod isa;
 pub(crate) mod matmul;
 pub mod maxpool;

@@ -16,14 +16,7 @@
 /// maps use half tiles, so that rounding the grid up wastes less.
 pub(crate) const CH: usize = 32;
 
-pub(crate) use crate::fused::isa::{Isa, multiversion};
-
-/// `a * b + c`, fused where the target has FMA (without it `mul_add` would
-/// be a libm call).
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
-}
+pub(crate) use crate::fused::isa::{Isa, madd, multiversion};
 
 /// Shapes of one block's 3x3 stage for an input map of H x W and stride s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,6 +9,7 @@ use super::block::host_vec;
 use super::conv3x3::{Isa, OutTile, finish_out, multiversion};
 use crate::cnn::ConvBn;
 use crate::error::{MoeError, Result as MoeResult};
+use crate::fused::conv::{im2col, strided_copy};
 use crate::fused::matmul::{View, sgemm};
 use crate::fused::maxpool::{PoolShape, out_hw, symmetric};
 use crate::moe::block::bn_affine;
@@ -200,93 +201,6 @@ impl PackedPool {
         }
         pool_planes(isa, self, x, (c, h, w, h2, w2), out, &mut tmp[..len]);
     }
-}
-
-/// `dst[i] = src[i * S]`; `src` holds `(dst.len() - 1) * S + 1` values.
-#[inline(always)]
-fn strided_copy<const S: usize>(src: &[f32], dst: &mut [f32]) {
-    let n = dst.len();
-    if n == 0 || src.len() < (n - 1) * S + 1 {
-        return;
-    }
-    let (body, last) = dst.split_at_mut(n - 1);
-    for (o, c) in body.iter_mut().zip(src.chunks_exact(S)) {
-        *o = c[0];
-    }
-    last[0] = src[(n - 1) * S];
-}
-
-/// Copies input row `src` sampled at `x*s + kx - p` (x in 0..dst.len()),
-/// zeros outside the row.
-#[inline(always)]
-fn sample_row(src: &[f32], s: usize, off: isize, dst: &mut [f32]) {
-    let w = src.len() as isize;
-    let n = dst.len() as isize;
-    let si = s as isize;
-    // x with 0 <= x*s + off < w.
-    let lo = if off >= 0 { 0 } else { (-off + si - 1) / si }.min(n);
-    let hi = if w - off <= 0 {
-        0
-    } else {
-        ((w - off - 1) / si + 1).min(n)
-    }
-    .max(lo);
-    let (lo, hi) = (lo as usize, hi as usize);
-    dst[..lo].fill(0.0);
-    dst[hi..].fill(0.0);
-    if hi > lo {
-        let first = (lo as isize * si + off) as usize;
-        let src = &src[first..first + (hi - lo - 1) * s + 1];
-        match s {
-            1 => dst[lo..hi].copy_from_slice(src),
-            2 => strided_copy::<2>(src, &mut dst[lo..hi]),
-            _ => {
-                for (i, o) in dst[lo..hi].iter_mut().enumerate() {
-                    *o = src[i * s];
-                }
-            }
-        }
-    }
-}
-
-/// im2col of output rows y0..y1: row (c, ky, kx) of `col` holds input
-/// channel c at (y*s + ky - p, x*s + kx - p), zero outside the map.
-#[inline(always)]
-fn im2col_impl<const FMA: bool>(
-    x: &[f32],
-    (h, w, w2): (usize, usize, usize),
-    (k, s, p): (usize, usize, usize),
-    (y0, y1): (usize, usize),
-    col: &mut [f32],
-) {
-    let nb = (y1 - y0) * w2;
-    for (r, crow) in col.chunks_exact_mut(nb).enumerate() {
-        let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
-        let plane = &x[ci * h * w..(ci + 1) * h * w];
-        for (yy, seg) in (y0..y1).zip(crow.chunks_exact_mut(w2)) {
-            let iy = (yy * s + ky).wrapping_sub(p);
-            if iy >= h {
-                seg.fill(0.0);
-            } else {
-                sample_row(
-                    &plane[iy * w..(iy + 1) * w],
-                    s,
-                    kx as isize - p as isize,
-                    seg,
-                );
-            }
-        }
-    }
-}
-
-multiversion! {
-    fn im2col => im2col_impl(
-        x: &[f32],
-        hw: (usize, usize, usize),
-        ksp: (usize, usize, usize),
-        rows: (usize, usize),
-        col: &mut [f32],
-    )
 }
 
 /// Max pool of `c` planes; `t` is one padded row of scratch.

@@ -32,6 +32,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use crate::error::{MoeError, Result as MoeResult};
 use crate::fused::batchnorm::batch_norm;
+use crate::fused::conv::conv2d as conv_layer;
 
 /// Configuration of a modular bottleneck block.
 #[derive(Config, Debug)]
@@ -237,8 +238,8 @@ impl Bottleneck {
     /// The shortcut branch: `x`, or its projection.
     fn shortcut(&self, x: Tensor<4>, eval_bn: bool) -> Tensor<4> {
         match &self.shortcut {
-            Some(sc) if eval_bn => bn_eval(&sc.bn, sc.conv.forward(x)),
-            Some(sc) => batch_norm(sc.conv.forward(x), &sc.bn, None, false),
+            Some(sc) if eval_bn => bn_eval(&sc.bn, conv_layer(x, &sc.conv)),
+            Some(sc) => batch_norm(conv_layer(x, &sc.conv), &sc.bn, None, false),
             None => x,
         }
     }
@@ -249,8 +250,13 @@ impl Bottleneck {
     pub fn forward_dense(&self, x: Tensor<4>, gates: Option<Tensor<2>>) -> MoeResult<Tensor<4>> {
         self.check_input(&x.dims())?;
         let n = x.dims()[0];
-        let h = batch_norm(self.reduce.forward(x.clone()), &self.bn_reduce, None, true);
-        let mut h = batch_norm(self.conv.forward(h), &self.bn_conv, None, true);
+        let h = batch_norm(
+            conv_layer(x.clone(), &self.reduce),
+            &self.bn_reduce,
+            None,
+            true,
+        );
+        let mut h = batch_norm(conv_layer(h, &self.conv), &self.bn_conv, None, true);
         if let Some(g) = gates {
             self.check_gates(n, &g)?;
             let g = g
@@ -261,7 +267,7 @@ impl Bottleneck {
         }
         let short = self.shortcut(x, false);
         Ok(batch_norm(
-            self.expand.forward(h),
+            conv_layer(h, &self.expand),
             &self.bn_expand,
             Some(short),
             true,
