@@ -598,9 +598,41 @@ mod tests {
             .init(device)
     }
 
+    /// The op against Burn's `Conv2d` on case `c`: values, dx, dw and the
+    /// bias gradient within 1e-5 relative.
+    fn check(c: Case, bias: bool, seed: u64) {
+        let device = Device::default().autodiff();
+        device.seed(seed);
+        let conv = layer(c, bias, &device);
+        let (n, cin, h, w, ..) = c;
+        assert!(
+            ConvShape::of(&conv, [n, cin, h, w]).is_some(),
+            "{c:?} handled"
+        );
+        let x = Tensor::<4>::random([n, cin, h, w], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let fast = conv2d(x.clone(), &conv);
+        let reference = conv.forward(x.clone());
+        assert_eq!(fast.dims(), reference.dims(), "{c:?}");
+        let r = Tensor::<4>::random(fast.dims(), Distribution::Normal(0.0, 1.0), &device);
+        let gf = (fast.clone() * r.clone()).sum().backward();
+        let gr = (reference.clone() * r).sum().backward();
+        let what = format!("{c:?} bias {bias}");
+        assert_close(&format!("y {what}"), &flat(fast), &flat(reference), 1e-5);
+        let grad = |g: &_, t: &Tensor<4>| flat(t.grad(g).expect("gradient"));
+        assert_close(&format!("dx {what}"), &grad(&gf, &x), &grad(&gr, &x), 1e-5);
+        let wv = conv.weight.val();
+        let (a, e) = (grad(&gf, &wv), grad(&gr, &wv));
+        assert_close(&format!("dw {what}"), &a, &e, 1e-5);
+        if let Some(b) = &conv.bias {
+            let (a, e) = (b.val().grad(&gf), b.val().grad(&gr));
+            let (a, e) = (flat(a.expect("db")), flat(e.expect("db")));
+            assert_close(&format!("db {what}"), &a, &e, 1e-5);
+        }
+    }
+
     #[test]
     fn values_and_gradients_match_burn_conv() {
-        let device = Device::default().autodiff();
         // The CLEVR stem (3x3/2 from 3 channels), a block's grouped 3x3 at
         // stride 1 and 2, the 1x1 reduce / expand, a strided 1x1 shortcut,
         // a 7x7/2 stem, odd and even maps, batch 1 in most.
@@ -616,43 +648,32 @@ mod tests {
         ];
         for (i, &c) in cases.iter().enumerate() {
             for bias in [false, true] {
-                device.seed(70 + i as u64);
-                let conv = layer(c, bias, &device);
-                let (n, cin, h, w, ..) = c;
-                assert!(
-                    ConvShape::of(&conv, [n, cin, h, w]).is_some(),
-                    "{c:?} handled"
-                );
-                let x =
-                    Tensor::<4>::random([n, cin, h, w], Distribution::Normal(0.0, 1.0), &device)
-                        .require_grad();
-                let fast = conv2d(x.clone(), &conv);
-                let reference = conv.forward(x.clone());
-                assert_eq!(fast.dims(), reference.dims(), "{c:?}");
-                let r = Tensor::<4>::random(fast.dims(), Distribution::Normal(0.0, 1.0), &device);
-                let gf = (fast.clone() * r.clone()).sum().backward();
-                let gr = (reference.clone() * r).sum().backward();
-                let what = format!("{c:?} bias {bias}");
-                assert_close(&format!("y {what}"), &flat(fast), &flat(reference), 1e-5);
-                let grad = |g: &_, t: &Tensor<4>| flat(t.grad(g).expect("gradient"));
-                assert_close(&format!("dx {what}"), &grad(&gf, &x), &grad(&gr, &x), 1e-5);
-                let wv = conv.weight.val();
-                assert_close(
-                    &format!("dw {what}"),
-                    &grad(&gf, &wv),
-                    &grad(&gr, &wv),
-                    1e-5,
-                );
-                if let Some(b) = &conv.bias {
-                    let (a, e) = (b.val().grad(&gf), b.val().grad(&gr));
-                    assert_close(
-                        &format!("db {what}"),
-                        &flat(a.expect("db")),
-                        &flat(e.expect("db")),
-                        1e-5,
-                    );
-                }
+                check(c, bias, 70 + i as u64);
             }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Any shape the op takes: groups with few output channels (the
+        /// row-by-row products) and more than `SMALL_GROUP` (`gemm`),
+        /// kernels 1 to 5, strides 1 to 3, any padding below the kernel.
+        #[test]
+        fn any_handled_shape_matches_burn_conv(
+            n in 1usize..3,
+            groups in 1usize..4,
+            cin_g in 1usize..4,
+            cout_g in 1usize..12,
+            (h, w) in (1usize..12, 1usize..12),
+            k in 1usize..6,
+            s in 1usize..4,
+            p_frac in 0.0f64..1.0,
+            seed in 0u64..1000,
+        ) {
+            let p = (k as f64 * p_frac) as usize; // 0..k
+            proptest::prop_assume!(h + 2 * p >= k && w + 2 * p >= k);
+            let c = (n, groups * cin_g, h, w, groups * cout_g, k, s, p, groups);
+            check(c, seed % 2 == 0, seed);
         }
     }
 
