@@ -249,7 +249,6 @@ const SMALL_GROUP: usize = 8;
 /// `c [m, n] (row stride ldc) = a [m, k] . b [k, n] (row stride ldb)`,
 /// each row of c as a sum of b's rows scaled by a's entries.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn axpy_mm_impl<const FMA: bool>(
     (m, n, k): (usize, usize, usize),
     a: View<'_>,
@@ -359,7 +358,6 @@ fn operand<'a>(
 
 /// `dst [m, n] = a [m, k] . b [k, n]`, all row-major except `a` (a view):
 /// row by row for small groups, else `gemm`.
-#[allow(clippy::too_many_arguments)]
 fn product(
     isa: Isa,
     small: bool,
