@@ -6,8 +6,12 @@
 # Network on 1,000 Sort-of-CLEVR images for 6 epochs (about 30 minutes) and,
 # when $PYTHON has torch and pillow, the same model in PyTorch
 # (bench/torch_rn_train.py, about 10 minutes) for the learning curves side by
-# side. Usage: bench/results.sh [OUT] [STEP...] (steps: demo clevr2d vqa2 soc
-# soc1k; default the first three). Each step writes JSON to OUT.
+# side. `socfull` is the full Sort-of-CLEVR pair of the README (issue 3, point
+# 5: 196,000 questions an epoch, 20 epochs, k = 12 and 6 side by side on one
+# thread each; about 14 hours of both cores): run the step again after an
+# interruption and both runs continue from their last checkpoints.
+# Usage: bench/results.sh [OUT] [STEP...] (steps: demo clevr2d vqa2 soc soc1k
+# socfull; default the first three). Each step writes JSON to OUT.
 set -euo pipefail
 OUT=${1:-results}
 shift || true
@@ -45,6 +49,19 @@ for step in $STEPS; do
       ${PYTHON:-python3} bench/torch_rn_train.py --data "$OUT/soc1k-data" $flags --threads 2 \
         > "$OUT/soc1k-torch.jsonl"
     fi ;;
+  socfull)
+    [ -d "$OUT/socfull-data" ] ||
+      $B generate sort-of-clevr --out "$OUT/socfull-data" --train-images 9800 --val-images 200 --seed 1
+    pids=()
+    for k in 12 6; do
+      RAYON_NUM_THREADS=1 $B train --data "$OUT/socfull-data" --out "$OUT/socfull-k$k" --k $k \
+        --epochs 20 --batch 64 --lr 1e-3 --image-size 75 --resume > "$OUT/socfull-k$k.log" 2>&1 &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+    for k in 12 6; do
+      $B eval --run "$OUT/socfull-k$k" --data "$OUT/socfull-data" --json > "$OUT/socfull-k$k.json"
+    done ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
