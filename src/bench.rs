@@ -23,7 +23,7 @@ use crate::error::{MoeError, Result};
 use crate::flops::{block_macs, count_macs};
 pub use crate::kernels::Engine;
 use crate::kernels::{PackedBottleneck, PackedResNeXt};
-use crate::moe::{BottleneckConfig, check_k};
+use crate::moe::{Bottleneck, BottleneckConfig, check_k};
 
 /// All block presets, in a stable order.
 pub fn block_presets() -> Vec<(String, BlockSpec)> {
@@ -106,6 +106,42 @@ pub struct BlockBench {
     pub max_rel_diff: f64,
     /// Implementation timed: "burn" or "fast".
     pub engine: Engine,
+}
+
+/// The measured part of a [`BlockBench`].
+struct Measured {
+    iters: usize,
+    /// Dense and sparse medians, ms.
+    times: (f64, f64),
+    /// Dense and sparse multiply-adds per image.
+    macs: (u64, u64),
+    diff: f64,
+    engine: Engine,
+}
+
+impl BlockBench {
+    /// The report, with the speedup, MAC ratio and efficiency derived.
+    fn new(preset: String, batch: usize, k: usize, paths: usize, m: Measured) -> Self {
+        let ((dense_ms, sparse_ms), (dense_macs, sparse_macs)) = (m.times, m.macs);
+        let speedup = dense_ms / sparse_ms;
+        let flops_ratio = dense_macs as f64 / sparse_macs as f64;
+        BlockBench {
+            preset,
+            batch,
+            k,
+            paths,
+            iters: m.iters,
+            dense_ms,
+            sparse_ms,
+            speedup,
+            flops_ratio,
+            efficiency: speedup / flops_ratio,
+            dense_macs,
+            sparse_macs,
+            max_rel_diff: m.diff,
+            engine: m.engine,
+        }
+    }
 }
 
 /// Deterministic pseudo-random selection of k distinct paths per sample
@@ -203,6 +239,91 @@ pub fn time_pair_ms<A, B>(
     (median(ta), median(tb))
 }
 
+/// What a block benchmark runs: a preset's block at a batch size and k.
+#[derive(Debug, Clone)]
+pub struct BlockCase {
+    pub preset: String,
+    pub spec: BlockSpec,
+    pub batch: usize,
+    pub k: usize,
+}
+
+impl BlockCase {
+    /// Checks the preset, k and batch.
+    pub fn new(preset: &str, batch: usize, k: usize) -> Result<Self> {
+        let spec = find_preset(preset)?;
+        check_k(k, spec.paths)?;
+        if batch == 0 {
+            return Err(MoeError::config("--batch", "must be at least 1"));
+        }
+        Ok(BlockCase {
+            preset: preset.into(),
+            spec,
+            batch,
+            k,
+        })
+    }
+
+    /// Multiply-adds per image with `k` paths (the block only).
+    pub fn macs(&self, k: usize) -> u64 {
+        block_macs(&self.spec, Some(k)).iter().map(|l| l.macs).sum()
+    }
+
+    /// The report of a run: `times` are the dense and sparse medians (ms),
+    /// `diff` the sparse output's distance from the dense one.
+    fn report(&self, iters: usize, times: (f64, f64), diff: f64, engine: Engine) -> BlockBench {
+        let m = Measured {
+            iters,
+            times,
+            macs: (self.macs(self.spec.paths), self.macs(self.k)),
+            diff,
+            engine,
+        };
+        BlockBench::new(self.preset.clone(), self.batch, self.k, self.spec.paths, m)
+    }
+}
+
+/// A case's block (random BN statistics, seed 7) with a random input,
+/// gates and selection: what both engines time.
+struct BlockInputs {
+    case: BlockCase,
+    block: Bottleneck,
+    x: Tensor<4>,
+    gates: Tensor<2>,
+    /// The gates with the unselected paths zeroed: the dense run's.
+    masked: Tensor<2>,
+    selection: Vec<Vec<usize>>,
+}
+
+impl BlockInputs {
+    fn new(case: BlockCase, device: &Device) -> Result<Self> {
+        let spec = &case.spec;
+        device.seed(7);
+        let block =
+            BottleneckConfig::new(spec.in_channels, spec.inner, spec.out_channels, spec.paths)
+                .with_stride(spec.stride)
+                .init(device)?
+                .with_random_batch_norms(device);
+        let (h, w) = spec.input_hw;
+        let x = Tensor::<4>::random(
+            [case.batch, spec.in_channels, h, w],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        let gates = random_gates(case.batch, spec.paths, device);
+        let selection = random_selection(case.batch, spec.paths, case.k, 11);
+        let mask = crate::moe::gate::selection_mask(&selection, spec.paths, device);
+        Ok(BlockInputs {
+            block,
+            x,
+            masked: gates.clone() * mask,
+            gates,
+            selection,
+            case,
+        })
+    }
+}
+
 /// Times one preset block dense and sparse (eval mode) on `device`.
 pub fn bench_block(
     preset: &str,
@@ -212,59 +333,15 @@ pub fn bench_block(
     warmup: usize,
     device: &Device,
 ) -> Result<BlockBench> {
-    let spec = find_preset(preset)?;
-    check_k(k, spec.paths)?;
-    if batch == 0 {
-        return Err(MoeError::config("--batch", "must be at least 1"));
-    }
-    device.seed(7);
-    let block = BottleneckConfig::new(spec.in_channels, spec.inner, spec.out_channels, spec.paths)
-        .with_stride(spec.stride)
-        .init(device)?;
-    let block = block.with_random_batch_norms(device);
-    let (h, w) = spec.input_hw;
-    let x = Tensor::<4>::random(
-        [batch, spec.in_channels, h, w],
-        Distribution::Normal(0.0, 1.0),
-        device,
-    );
-    let gates = random_gates(batch, spec.paths, device);
-    let sel = random_selection(batch, spec.paths, k, 11);
-    let mask = crate::moe::gate::selection_mask(&sel, spec.paths, device);
-    let masked = gates.clone() * mask;
-
-    let dense_out = block.forward_dense(x.clone(), Some(masked.clone()))?;
-    let sparse_out = block.forward_sparse(x.clone(), gates.clone(), &sel)?;
-    let diff = max_rel_diff(sparse_out, dense_out);
-
-    let (dense_ms, sparse_ms) = time_pair_ms(
-        device,
-        warmup,
-        iters,
-        || block.forward_dense(x.clone(), Some(masked.clone())),
-        || block.forward_sparse(x.clone(), gates.clone(), &sel),
-    );
-    let sum = |v: Vec<crate::flops::LayerMacs>| v.iter().map(|l| l.macs).sum::<u64>();
-    let dense_macs = sum(block_macs(&spec, Some(spec.paths)));
-    let sparse_macs = sum(block_macs(&spec, Some(k)));
-    let speedup = dense_ms / sparse_ms;
-    let flops_ratio = dense_macs as f64 / sparse_macs as f64;
-    Ok(BlockBench {
-        preset: preset.into(),
-        batch,
-        k,
-        paths: spec.paths,
-        iters,
-        dense_ms,
-        sparse_ms,
-        speedup,
-        flops_ratio,
-        efficiency: speedup / flops_ratio,
-        dense_macs,
-        sparse_macs,
-        max_rel_diff: diff,
-        engine: Engine::Burn,
-    })
+    let b = BlockInputs::new(BlockCase::new(preset, batch, k)?, device)?;
+    let dense = || b.block.forward_dense(b.x.clone(), Some(b.masked.clone()));
+    let sparse = || {
+        b.block
+            .forward_sparse(b.x.clone(), b.gates.clone(), &b.selection)
+    };
+    let diff = max_rel_diff(sparse()?, dense()?);
+    let times = time_pair_ms(device, warmup, iters, dense, sparse);
+    Ok(b.case.report(iters, times, diff, Engine::Burn))
 }
 
 /// max |a - b| / max |b| of host slices.
@@ -285,10 +362,71 @@ fn host<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
         .map_err(|e| MoeError::config("benchmark tensor", format!("{e:?}")))
 }
 
-/// [`bench_block`] on the fast CPU path ([`PackedBottleneck`]): the same
-/// block, inputs, gates and selection; dense runs all P paths with the
-/// masked gates (as the Burn dense reference does), sparse only the k
-/// selected ones. Packing happens once, outside the timing.
+/// One preset block on the fast CPU path ([`PackedBottleneck`]), packed,
+/// with [`bench_block`]'s input, gates and selection, ready to run dense
+/// (all P paths, the gates masked to the selection, as the Burn dense
+/// reference does) or sparse (only the k selected paths). Built once,
+/// outside any timing; [`bench_block_fast`] and `benches/kernels.rs` time it.
+pub struct FastBlock {
+    pub case: BlockCase,
+    packed: PackedBottleneck,
+    x: Vec<f32>,
+    gates: Vec<f32>,
+    masked: Vec<f32>,
+    every: Vec<Vec<usize>>,
+    selection: Vec<Vec<usize>>,
+}
+
+impl FastBlock {
+    /// The block of `preset` (see [`block_presets`]) at `batch` and `k`.
+    pub fn new(preset: &str, batch: usize, k: usize, device: &Device) -> Result<Self> {
+        let b = BlockInputs::new(BlockCase::new(preset, batch, k)?, device)?;
+        Ok(FastBlock {
+            packed: PackedBottleneck::from_block(&b.block)?,
+            x: host(b.x)?,
+            gates: host(b.gates)?,
+            masked: host(b.masked)?,
+            every: vec![(0..b.case.spec.paths).collect(); batch],
+            selection: b.selection,
+            case: b.case,
+        })
+    }
+
+    /// A zeroed output buffer of the right length. Callers allocate it once,
+    /// outside the timing: the kernels' time, not the allocator's (a fresh
+    /// 25 MB output costs a few ms of page faults or zeroing; the whole-CNN
+    /// path reuses its buffers the same way).
+    pub fn output(&self) -> Vec<f32> {
+        let (h, w) = self.case.spec.input_hw;
+        let (h2, w2) = self.packed.output_hw(h, w);
+        vec![0.0; self.case.batch * self.case.spec.out_channels * h2 * w2]
+    }
+
+    fn run(&self, gates: &[f32], selection: &[Vec<usize>], out: &mut [f32]) -> Result<()> {
+        let (h, w) = self.case.spec.input_hw;
+        self.packed.forward_into(
+            &self.x,
+            self.case.batch,
+            h,
+            w,
+            Some((gates, selection)),
+            out,
+        )
+    }
+
+    /// Every path, with the gates masked to the selection.
+    pub fn dense(&self, out: &mut [f32]) -> Result<()> {
+        self.run(&self.masked, &self.every, out)
+    }
+
+    /// Only the k selected paths of each sample.
+    pub fn sparse(&self, out: &mut [f32]) -> Result<()> {
+        self.run(&self.gates, &self.selection, out)
+    }
+}
+
+/// [`bench_block`] on the fast CPU path ([`FastBlock`]): the same block,
+/// input, gates and selection. Packing happens once, outside the timing.
 pub fn bench_block_fast(
     preset: &str,
     batch: usize,
@@ -297,68 +435,19 @@ pub fn bench_block_fast(
     warmup: usize,
     device: &Device,
 ) -> Result<BlockBench> {
-    let spec = find_preset(preset)?;
-    check_k(k, spec.paths)?;
-    if batch == 0 {
-        return Err(MoeError::config("--batch", "must be at least 1"));
-    }
-    device.seed(7);
-    let block = BottleneckConfig::new(spec.in_channels, spec.inner, spec.out_channels, spec.paths)
-        .with_stride(spec.stride)
-        .init(device)?;
-    let block = block.with_random_batch_norms(device);
-    let packed = PackedBottleneck::from_block(&block)?;
-    let (h, w) = spec.input_hw;
-    let x = Tensor::<4>::random(
-        [batch, spec.in_channels, h, w],
-        Distribution::Normal(0.0, 1.0),
-        device,
-    );
-    let xv = host(x)?;
-    let gates = random_gates(batch, spec.paths, device);
-    let sel = random_selection(batch, spec.paths, k, 11);
-    let mask = crate::moe::gate::selection_mask(&sel, spec.paths, device);
-    let gv = host(gates.clone())?;
-    let mv = host(gates * mask)?;
-    let every: Vec<Vec<usize>> = vec![(0..spec.paths).collect(); batch];
-
-    // Output buffers allocated once, outside the timing: the kernels'
-    // time, not the allocator's (a fresh 25 MB output costs a few ms of page
-    // faults or zeroing; the whole-CNN path reuses its buffers the same way).
-    let (h2, w2) = packed.output_hw(h, w);
-    let len = batch * spec.out_channels * h2 * w2;
-    let (mut dense_out, mut sparse_out) = (vec![0.0f32; len], vec![0.0f32; len]);
-    packed.forward_into(&xv, batch, h, w, Some((&mv, &every)), &mut dense_out)?;
-    packed.forward_into(&xv, batch, h, w, Some((&gv, &sel)), &mut sparse_out)?;
+    let b = FastBlock::new(preset, batch, k, device)?;
+    let (mut dense_out, mut sparse_out) = (b.output(), b.output());
+    b.dense(&mut dense_out)?;
+    b.sparse(&mut sparse_out)?;
     let diff = max_rel_diff_slices(&sparse_out, &dense_out);
-    let (dense_ms, sparse_ms) = time_pair_ms(
+    let times = time_pair_ms(
         device,
         warmup,
         iters,
-        || packed.forward_into(&xv, batch, h, w, Some((&mv, &every)), &mut dense_out),
-        || packed.forward_into(&xv, batch, h, w, Some((&gv, &sel)), &mut sparse_out),
+        || b.dense(&mut dense_out),
+        || b.sparse(&mut sparse_out),
     );
-    let sum = |v: Vec<crate::flops::LayerMacs>| v.iter().map(|l| l.macs).sum::<u64>();
-    let dense_macs = sum(block_macs(&spec, Some(spec.paths)));
-    let sparse_macs = sum(block_macs(&spec, Some(k)));
-    let speedup = dense_ms / sparse_ms;
-    let flops_ratio = dense_macs as f64 / sparse_macs as f64;
-    Ok(BlockBench {
-        preset: preset.into(),
-        batch,
-        k,
-        paths: spec.paths,
-        iters,
-        dense_ms,
-        sparse_ms,
-        speedup,
-        flops_ratio,
-        efficiency: speedup / flops_ratio,
-        dense_macs,
-        sparse_macs,
-        max_rel_diff: diff,
-        engine: Engine::Fast,
-    })
+    Ok(b.case.report(iters, times, diff, Engine::Fast))
 }
 
 /// Times a whole CNN (`model`: `clevr` or `vqa`, see
@@ -422,22 +511,19 @@ pub fn bench_cnn(
             (dense_ms, sparse_ms, diff)
         }
     };
-    let speedup = dense_ms / sparse_ms;
-    let flops_ratio = dense_macs as f64 / sparse_macs as f64;
-    Ok(BlockBench {
-        preset: format!("{model}-cnn-{input_size}"),
+    let m = Measured {
+        iters,
+        times: (dense_ms, sparse_ms),
+        macs: (dense_macs, sparse_macs),
+        diff,
+        engine,
+    };
+    let paths = layout.paths().unwrap_or(0);
+    Ok(BlockBench::new(
+        format!("{model}-cnn-{input_size}"),
         batch,
         k,
-        paths: layout.paths().unwrap_or(0),
-        iters,
-        dense_ms,
-        sparse_ms,
-        speedup,
-        flops_ratio,
-        efficiency: speedup / flops_ratio,
-        dense_macs,
-        sparse_macs,
-        max_rel_diff: diff,
-        engine,
-    })
+        paths,
+        m,
+    ))
 }
