@@ -828,21 +828,15 @@ fn cmd_bench_cnn(
     json: bool,
 ) -> Result<()> {
     let engine = parse_engine(engine)?;
-    let layout = CnnLayout::by_model(model)?;
+    let layout = CnnLayout::by_model(model).map_err(|e| anyhow::anyhow!("--model: {e}"))?;
     let p = layout.paths().context("layout has stages of different P")?;
     let input = input.unwrap_or(layout.default_input().0);
     if iters == 0 {
         bail!("--iters 0 is invalid: expected at least 1 timed iteration");
     }
-    let r = moevqa::bench::bench_cnn(
-        model,
-        batch,
-        k.unwrap_or((p / 4).max(1)),
-        input,
-        iters,
-        engine,
-        device,
-    )?;
+    let k = k.unwrap_or((p / 4).max(1));
+    moevqa::moe::check_k(k, p).map_err(|e| anyhow::anyhow!("--k: {e}"))?;
+    let r = moevqa::bench::bench_cnn(model, batch, k, input, iters, engine, device)?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -941,13 +935,16 @@ fn cmd_bench_block(
     }
     let spec = moevqa::bench::find_preset(preset).map_err(|e| anyhow::anyhow!("--preset: {e}"))?;
     let k = k.unwrap_or((spec.paths / 4).max(1));
+    moevqa::moe::check_k(k, spec.paths).map_err(|e| anyhow::anyhow!("--k: {e}"))?;
+    if batch == 0 {
+        bail!("--batch 0 is invalid: expected at least 1");
+    }
     let r = match engine {
         moevqa::bench::Engine::Burn => bench_block(preset, batch, k, iters, warmup, device),
         moevqa::bench::Engine::Fast => {
             moevqa::bench::bench_block_fast(preset, batch, k, iters, warmup, device)
         }
-    }
-    .map_err(|e| anyhow::anyhow!("--k/--batch: {e}"))?;
+    }?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -1396,6 +1393,8 @@ fn run(cli: Cli) -> Result<()> {
                 if model != "clevr" {
                     bail!("--model '{model}': expected clevr");
                 }
+                moevqa::moe::check_k(k, CnnLayout::clevr().paths().unwrap_or(12))
+                    .map_err(|e| anyhow::anyhow!("--k: {e}"))?;
                 let device = pick_device(&cli.device)?;
                 let r = moevqa::train::clevr::bench_train_step(
                     batch, k, image_size, iters, warmup, &device,

@@ -111,11 +111,20 @@ fn bad_input_gives_one_line_errors() {
     );
     assert_one_line_error(
         &moevqa(&["bench", "block", "--preset", "clevr-conv2", "--k", "99"]),
-        "k = 99",
+        "--k: k = 99",
     );
     assert_one_line_error(
+        &moevqa(&["bench", "cnn", "--model", "clevr", "--k", "13"]),
+        "--k: k = 13",
+    );
+    assert_one_line_error(
+        &moevqa(&["bench", "cnn", "--model", "alexnet"]),
+        "--model: unknown model 'alexnet'",
+    );
+    assert_one_line_error(&moevqa(&["bench", "train", "--k", "0"]), "--k: k = 0");
+    assert_one_line_error(
         &moevqa(&["bench", "block", "--preset", "clevr-conv2", "--batch", "0"]),
-        "--batch",
+        "--batch 0 is invalid",
     );
     assert_one_line_error(
         &moevqa(&["bench", "block", "--preset", "clevr-conv2", "--iters", "0"]),
