@@ -239,6 +239,10 @@ struct TrainArgs {
     /// vqa2: validation split (evaluated after each epoch when present).
     #[arg(long, default_value = "val2014")]
     val_split: String,
+    /// When training ends, print this invocation's epochs on stdout, one JSON
+    /// object per line (the lines it appended to RUN/metrics.jsonl).
+    #[arg(long)]
+    json: bool,
 }
 
 struct BarProgress {
@@ -334,7 +338,8 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
                 train_split: a.train_split,
                 val_split: a.val_split,
             };
-            return vqa_cli::cmd_train_vqa(device, &flags, &mut new_progress());
+            let lines = vqa_cli::cmd_train_vqa(device, &flags, &mut new_progress())?;
+            return print_json_lines(a.json, &lines);
         }
         other => bail!("--dataset '{other}': expected clevr or vqa2"),
     }
@@ -362,7 +367,17 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
         f_dim: a.f_dim,
         question_dim: a.question_dim.unwrap_or(128),
     };
-    moevqa::train::run::train(&cfg, &a.out, a.resume, device, &mut new_progress())?;
+    let lines = moevqa::train::run::train(&cfg, &a.out, a.resume, device, &mut new_progress())?;
+    print_json_lines(a.json, &lines)
+}
+
+/// With `json`, each item on stdout as one JSON line.
+fn print_json_lines<T: Serialize>(json: bool, items: &[T]) -> Result<()> {
+    if json {
+        for item in items {
+            println!("{}", serde_json::to_string(item)?);
+        }
+    }
     Ok(())
 }
 

@@ -217,10 +217,11 @@ pub fn cmd_train_vqa(
     device: &Device,
     f: &VqaTrainFlags,
     progress: &mut dyn Progress,
-) -> Result<()> {
+) -> Result<Vec<moevqa::train::vqa::VqaEpochLine>> {
     let cfg = f.config()?;
-    moevqa::train::vqa::train_vqa(&cfg, &f.out, f.resume, device, progress)?;
-    Ok(())
+    Ok(moevqa::train::vqa::train_vqa(
+        &cfg, &f.out, f.resume, device, progress,
+    )?)
 }
 
 /// CNN multiply-adds per image of a VQA run at `k`.

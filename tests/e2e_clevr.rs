@@ -49,7 +49,15 @@ fn generate_train_eval_predict_answer_resume() {
         moevqa(&args)
     };
     let run = root.join("run");
-    ok(train(&run, "1", &[]));
+    let out = ok(train(&run, "1", &["--json"]));
+    // --json: this invocation's epochs on stdout, as appended to metrics.jsonl.
+    let printed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(printed.len(), 1);
+    assert_eq!(printed[0]["epoch"], 1);
+    assert_eq!(printed[0]["val"]["questions"], 40);
     for f in [
         "config.json",
         "vocab.json",
@@ -59,7 +67,7 @@ fn generate_train_eval_predict_answer_resume() {
     ] {
         assert!(run.join(f).is_file(), "missing {f}");
     }
-    assert_eq!(metric_lines(&run).len(), 1);
+    assert_eq!(metric_lines(&run), printed);
 
     let r = run.to_str().unwrap();
     let out = ok(moevqa(&[

@@ -68,7 +68,10 @@ fn generate_train_eval_predict_score_answer() {
     ]));
     let run = root.join("run");
     let r = run.to_str().unwrap();
-    ok(moevqa(&train_args(d, r, &[])));
+    let out = ok(moevqa(&train_args(d, r, &["--json"])));
+    let line = json(&out);
+    assert_eq!(line["epoch"], 1);
+    assert!(line["train_loss"].as_f64().unwrap().is_finite());
     for f in [
         "config.json",
         "vocab.json",
