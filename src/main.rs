@@ -79,6 +79,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Draws learning curves (accuracy per epoch) of one or more runs into a PNG.
+    Plot {
+        /// A run directory (its metrics.jsonl); repeat for several runs.
+        #[arg(long = "run", required = true)]
+        runs: Vec<std::path::PathBuf>,
+        /// The PNG to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// One validation line per question type instead of val and train.
+        #[arg(long)]
+        families: bool,
+        #[arg(long, default_value = "accuracy per epoch")]
+        title: String,
+        /// Print `{"out", "curves": [{"label", "points": [[epoch, percent]]}]}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluates a trained run on a split, at any k.
     Eval {
         /// Run directory written by `train`.
@@ -369,6 +386,31 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
     };
     let lines = moevqa::train::run::train(&cfg, &a.out, a.resume, device, &mut new_progress())?;
     print_json_lines(a.json, &lines)
+}
+
+fn cmd_plot(
+    runs: &[std::path::PathBuf],
+    out: &std::path::Path,
+    families: bool,
+    title: &str,
+    json: bool,
+) -> Result<()> {
+    use moevqa::train::plot::{draw, run_curves};
+    let mut curves = Vec::new();
+    for run in runs {
+        curves.extend(run_curves(run, families, curves.len())?);
+    }
+    draw(&curves, title, out)?;
+    if json {
+        let rows: Vec<_> = curves
+            .iter()
+            .map(|c| serde_json::json!({"label": c.label, "points": c.points}))
+            .collect();
+        println!("{}", serde_json::json!({"out": out, "curves": rows}));
+    } else {
+        println!("wrote {} ({} curves)", out.display(), curves.len());
+    }
+    Ok(())
 }
 
 /// With `json`, each item on stdout as one JSON line.
@@ -1338,6 +1380,13 @@ fn run(cli: Cli) -> Result<()> {
                 cmd_answer(&device, &run, &image, &question, inf, json)
             }
         }
+        Command::Plot {
+            runs,
+            out,
+            families,
+            title,
+            json,
+        } => cmd_plot(&runs, &out, families, &title, json),
         Command::Eval {
             run,
             data,

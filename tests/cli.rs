@@ -123,6 +123,10 @@ fn bad_input_gives_one_line_errors() {
     );
     assert_one_line_error(&moevqa(&["bench", "train", "--k", "0"]), "--k: k = 0");
     assert_one_line_error(
+        &moevqa(&["plot", "--run", "/nonexistent/run", "--out", "/tmp/x.png"]),
+        "/nonexistent/run/metrics.jsonl",
+    );
+    assert_one_line_error(
         &moevqa(&["bench", "block", "--preset", "clevr-conv2", "--batch", "0"]),
         "--batch 0 is invalid",
     );

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod clevr;
+pub mod plot;
 pub mod run;
 pub mod vqa;
 

@@ -1,0 +1,321 @@
+//! Learning curves of training runs as a PNG (plotters): the validation and
+//! training accuracy per epoch of each run, read from its `metrics.jsonl`
+//! (either kind of run: CLEVR accuracy or the VQA soft score), or with
+//! `families` one validation line per question type (CLEVR `by_family`,
+//! VQA `per_answer_type`).
+//!
+//! The text is drawn with DejaVu Sans, built into the binary
+//! (`assets/DejaVuSans.ttf`, Bitstream Vera licence in
+//! `assets/DejaVuSans.LICENSE`), so plotting needs no system fonts.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+use super::TrainError;
+use super::run::{RunPaths, io_err};
+
+const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+
+/// Ten colours that read on white (matplotlib's "tab10"), cycled.
+const COLORS: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (148, 103, 189),
+    (255, 127, 14),
+    (23, 190, 207),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+];
+
+fn color(i: usize) -> RGBColor {
+    let (r, g, b) = COLORS[i % COLORS.len()];
+    RGBColor(r, g, b)
+}
+
+/// One line of a plot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Curve {
+    pub label: String,
+    /// (epoch, percent), in epoch order.
+    pub points: Vec<(f64, f64)>,
+    /// Colour index: a run's training curve shares its validation colour.
+    pub color: usize,
+    /// A training curve, drawn thin beside its validation curve.
+    pub train: bool,
+}
+
+/// The curves of `run` (a run directory), coloured from `color`: its
+/// validation and training accuracy, or with `families` its validation
+/// accuracy per question type. Labels start with the directory's name and k.
+pub fn run_curves(run: &Path, families: bool, color: usize) -> Result<Vec<Curve>, TrainError> {
+    let paths = RunPaths::new(run);
+    let text = std::fs::read_to_string(&paths.metrics).map_err(|e| io_err(&paths.metrics, e))?;
+    let mut lines = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: Value = serde_json::from_str(line).map_err(|e| {
+            TrainError::Input(format!(
+                "{} line {}: not a metrics line ({e})",
+                paths.metrics.display(),
+                i + 1
+            ))
+        })?;
+        let epoch = v["epoch"].as_f64().ok_or_else(|| {
+            TrainError::Input(format!(
+                "{} line {}: expected a number in \"epoch\"",
+                paths.metrics.display(),
+                i + 1
+            ))
+        })?;
+        lines.push((epoch, v));
+    }
+    if lines.is_empty() {
+        return Err(TrainError::Input(format!(
+            "{}: no epoch recorded yet",
+            paths.metrics.display()
+        )));
+    }
+    let name = run
+        .file_name()
+        .map_or_else(|| run.display().to_string(), |n| n.to_string_lossy().into());
+    let k = std::fs::read_to_string(&paths.config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|c| c["k"].as_u64());
+    let name = match k {
+        Some(k) => format!("{name} (k = {k})"),
+        None => name,
+    };
+    let series = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
+        lines
+            .iter()
+            .filter_map(|(e, v)| f(v).map(|y| (*e, y)))
+            .collect()
+    };
+    if !families {
+        let val = series(&|v| v["val"]["accuracy"].as_f64());
+        let train = series(&|v| {
+            v["train_accuracy"]
+                .as_f64()
+                .or_else(|| v["train_score"].as_f64())
+        });
+        let curve = |label: String, points, train| Curve {
+            label,
+            points,
+            color,
+            train,
+        };
+        return Ok([
+            curve(format!("{name} val"), val, false),
+            curve(format!("{name} train"), train, true),
+        ]
+        .into_iter()
+        .filter(|c| !c.points.is_empty())
+        .collect());
+    }
+    let family_map = |v: &Value| -> Option<serde_json::Map<String, Value>> {
+        let val = &v["val"];
+        val["by_family"]
+            .as_object()
+            .or_else(|| val["per_answer_type"].as_object())
+            .cloned()
+    };
+    let mut names: Vec<String> = lines
+        .iter()
+        .filter_map(|(_, v)| family_map(v))
+        .flat_map(|m| m.keys().cloned().collect::<Vec<_>>())
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names
+        .iter()
+        .enumerate()
+        .map(|(i, fam)| Curve {
+            label: format!("{name} {fam}"),
+            points: series(&|v| family_map(v).and_then(|m| m.get(fam).and_then(Value::as_f64))),
+            color: color + i,
+            train: false,
+        })
+        .collect())
+}
+
+fn register_font() -> Result<(), TrainError> {
+    static DONE: OnceLock<bool> = OnceLock::new();
+    let ok = *DONE.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(TrainError::Input(
+            "the built-in font (assets/DejaVuSans.ttf) does not parse".into(),
+        ))
+    }
+}
+
+/// Draws `curves` (percent against epoch, 0-100) into the PNG `out`, 1000x600.
+pub fn draw(curves: &[Curve], title: &str, out: &Path) -> Result<(), TrainError> {
+    register_font()?;
+    let fail = |e: &dyn std::fmt::Display| io_err(out, e);
+    let last = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.0))
+        .fold(1.0f64, f64::max);
+    let root = BitMapBackend::new(out, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.5f64..last + 0.5, 0f64..100f64)
+        .map_err(|e| fail(&e))?;
+    // Whole epochs only on the x axis.
+    let ticks = (last as usize).min(20);
+    chart
+        .configure_mesh()
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .x_desc("epoch")
+        .y_desc("accuracy (%)")
+        .x_labels(ticks + 1)
+        .x_label_formatter(&|x| {
+            if (x - x.round()).abs() < 1e-6 && *x >= 1.0 {
+                format!("{x:.0}")
+            } else {
+                String::new()
+            }
+        })
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| fail(&e))?;
+    for c in curves {
+        let color = color(c.color);
+        let width = if c.train { 1 } else { 2 };
+        let style = color.stroke_width(width);
+        chart
+            .draw_series(LineSeries::new(c.points.iter().copied(), style))
+            .map_err(|e| fail(&e))?
+            .label(c.label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
+        if !c.train {
+            chart
+                .draw_series(c.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| fail(&e))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_dir(name: &str, lines: &[&str]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir()
+            .join(format!("moevqa-plot-{}", std::process::id()))
+            .join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("metrics.jsonl"), lines.join("\n")).unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"k": 6}"#).unwrap();
+        dir
+    }
+
+    const CLEVR: [&str; 2] = [
+        r#"{"epoch":1,"train_accuracy":40.0,"val":{"accuracy":45.5,"by_family":{"count":30.0,"exist":60.0}}}"#,
+        r#"{"epoch":2,"train_accuracy":50.0,"val":{"accuracy":55.0,"by_family":{"count":35.0,"exist":75.0}}}"#,
+    ];
+
+    #[test]
+    fn curves_read_val_train_and_families() {
+        let dir = run_dir("soc-k6", &CLEVR);
+        let c = run_curves(&dir, false, 3).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].label, "soc-k6 (k = 6) val");
+        assert_eq!(c[0].points, vec![(1.0, 45.5), (2.0, 55.0)]);
+        assert_eq!((c[0].color, c[0].train), (3, false));
+        assert_eq!(c[1].points, vec![(1.0, 40.0), (2.0, 50.0)]);
+        assert!(c[1].train && c[1].color == 3);
+        let f = run_curves(&dir, true, 0).unwrap();
+        let got: Vec<_> = f
+            .iter()
+            .map(|c| (c.label.as_str(), c.points.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("soc-k6 (k = 6) count", vec![(1.0, 30.0), (2.0, 35.0)]),
+                ("soc-k6 (k = 6) exist", vec![(1.0, 60.0), (2.0, 75.0)]),
+            ]
+        );
+        // A VQA run: train_score, per_answer_type, a val-less epoch skipped.
+        let vqa = run_dir(
+            "vqa",
+            &[
+                r#"{"epoch":1,"train_score":20.0,"val":null}"#,
+                r#"{"epoch":2,"train_score":30.0,"val":{"accuracy":31.4,"per_answer_type":{"yes/no":59.7}}}"#,
+            ],
+        );
+        let c = run_curves(&vqa, false, 0).unwrap();
+        assert_eq!(c[0].points, vec![(2.0, 31.4)]);
+        assert_eq!(c[1].points, vec![(1.0, 20.0), (2.0, 30.0)]);
+        let f = run_curves(&vqa, true, 0).unwrap();
+        assert_eq!(f[0].label, "vqa (k = 6) yes/no");
+        assert_eq!(f[0].points, vec![(2.0, 59.7)]);
+    }
+
+    #[test]
+    fn bad_metrics_files_name_the_file_and_line() {
+        let bad = run_dir("bad", &[CLEVR[0], "{not json"]);
+        let e = run_curves(&bad, false, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("metrics.jsonl line 2: not a metrics line"),
+            "{e}"
+        );
+        let no_epoch = run_dir("no-epoch", &[r#"{"val":{}}"#]);
+        let e = run_curves(&no_epoch, false, 0).unwrap_err().to_string();
+        assert!(e.contains("line 1: expected a number in \"epoch\""), "{e}");
+        let empty = run_dir("empty", &[]);
+        let e = run_curves(&empty, false, 0).unwrap_err().to_string();
+        assert!(e.contains("no epoch recorded yet"), "{e}");
+        let missing = bad.join("nowhere");
+        let e = run_curves(&missing, false, 0).unwrap_err().to_string();
+        assert!(e.contains("nowhere/metrics.jsonl"), "{e}");
+    }
+
+    #[test]
+    fn draw_writes_a_png_with_the_curves() {
+        let dir = run_dir("draw", &CLEVR);
+        let curves = run_curves(&dir, false, 0).unwrap();
+        let out = dir.join("curves.png");
+        draw(&curves, "Sort-of-CLEVR", &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (1000, 600));
+        // The validation curve's colour is on the image, the text is dark.
+        let RGBColor(r, g, b) = color(0);
+        assert!(img.pixels().any(|p| p.0 == [r, g, b]));
+        assert!(img.pixels().filter(|p| p.0.iter().all(|&c| c < 60)).count() > 500);
+        // An unwritable destination is an error naming it.
+        let e = draw(&curves, "t", &dir.join("no/such/dir/x.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.png"), "{e}");
+    }
+}
