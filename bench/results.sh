@@ -61,6 +61,12 @@ for step in $STEPS; do
     for p in "${pids[@]}"; do wait "$p"; done
     for k in 12 6; do
       $B eval --run "$OUT/socfull-k$k" --data "$OUT/socfull-data" --json > "$OUT/socfull-k$k.json"
+    done
+    $B plot --run "$OUT/socfull-k12" --run "$OUT/socfull-k6" --out "$OUT/socfull-curves.png" \
+      --title "Sort-of-CLEVR, 75x75, batch 64, lr 1e-3"
+    for k in 12 6; do
+      $B plot --run "$OUT/socfull-k$k" --families --out "$OUT/socfull-k$k-families.png" \
+        --title "Sort-of-CLEVR, k = $k, val accuracy per question type"
     done ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
   esac
