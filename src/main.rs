@@ -400,6 +400,14 @@ fn cmd_plot(
     for run in runs {
         curves.extend(run_curves(run, families, curves.len())?);
     }
+    if curves.iter().all(|c| c.points.is_empty()) {
+        let what = if families {
+            "per-type accuracy"
+        } else {
+            "accuracy"
+        };
+        bail!("--run: no {what} in the runs' metrics.jsonl to draw");
+    }
     draw(&curves, title, out)?;
     if json {
         let rows: Vec<_> = curves

@@ -126,6 +126,16 @@ fn bad_input_gives_one_line_errors() {
         &moevqa(&["plot", "--run", "/nonexistent/run", "--out", "/tmp/x.png"]),
         "/nonexistent/run/metrics.jsonl",
     );
+    let run = common::fresh_dir("plot-empty");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("metrics.jsonl"), "{\"epoch\":1,\"val\":null}\n").unwrap();
+    let r = run.to_str().unwrap();
+    let png = run.join("x.png");
+    assert_one_line_error(
+        &moevqa(&["plot", "--run", r, "--out", png.to_str().unwrap()]),
+        "--run: no accuracy",
+    );
+    assert!(!png.exists());
     assert_one_line_error(
         &moevqa(&["bench", "block", "--preset", "clevr-conv2", "--batch", "0"]),
         "--batch 0 is invalid",
