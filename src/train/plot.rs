@@ -19,8 +19,9 @@ use super::run::{RunPaths, io_err};
 
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
-/// Ten colours that read on white (matplotlib's "tab10"), cycled.
-const COLORS: [(u8, u8, u8); 10] = [
+/// Colours that read on white, cycled: matplotlib's "tab10", then the
+/// light halves of "tab20" (clevr-2d has 13 question families).
+const COLORS: [(u8, u8, u8); 20] = [
     (31, 119, 180),
     (214, 39, 40),
     (44, 160, 44),
@@ -31,6 +32,16 @@ const COLORS: [(u8, u8, u8); 10] = [
     (227, 119, 194),
     (127, 127, 127),
     (188, 189, 34),
+    (174, 199, 232),
+    (255, 152, 150),
+    (152, 223, 138),
+    (197, 176, 213),
+    (255, 187, 120),
+    (158, 218, 229),
+    (196, 156, 148),
+    (247, 182, 210),
+    (199, 199, 199),
+    (219, 219, 141),
 ];
 
 fn color(i: usize) -> RGBColor {
@@ -170,6 +181,11 @@ pub fn draw(curves: &[Curve], title: &str, out: &Path) -> Result<(), TrainError>
         .iter()
         .flat_map(|c| c.points.iter().map(|p| p.0))
         .fold(1.0f64, f64::max);
+    // A strip right of the last epoch, with no data in it, holds the legend:
+    // about 7.5 px a character of its longest label on a ~900 px wide plot.
+    let longest = curves.iter().map(|c| c.label.chars().count()).max();
+    let share = ((7.5 * longest.unwrap_or(0) as f64 + 60.0) / 900.0).min(0.6);
+    let strip = (last * share / (1.0 - share)).max(0.5);
     let root = BitMapBackend::new(out, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -177,10 +193,10 @@ pub fn draw(curves: &[Curve], title: &str, out: &Path) -> Result<(), TrainError>
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(56)
-        .build_cartesian_2d(0.5f64..last + 0.5, 0f64..100f64)
+        .build_cartesian_2d(0.5f64..last + 0.5 + strip, 0f64..100f64)
         .map_err(|e| fail(&e))?;
     // Whole epochs only on the x axis.
-    let ticks = (last as usize).min(20);
+    let ticks = ((last + strip) as usize + 1).min(30);
     chart
         .configure_mesh()
         .y_label_formatter(&|y| format!("{y:.0}"))
@@ -188,7 +204,7 @@ pub fn draw(curves: &[Curve], title: &str, out: &Path) -> Result<(), TrainError>
         .y_desc("accuracy (%)")
         .x_labels(ticks + 1)
         .x_label_formatter(&|x| {
-            if (x - x.round()).abs() < 1e-6 && *x >= 1.0 {
+            if (x - x.round()).abs() < 1e-6 && *x >= 1.0 && *x <= last {
                 format!("{x:.0}")
             } else {
                 String::new()
@@ -217,7 +233,7 @@ pub fn draw(curves: &[Curve], title: &str, out: &Path) -> Result<(), TrainError>
         .label_font(("sans-serif", 14))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(|e| fail(&e))?;
     root.present().map_err(|e| fail(&e))
