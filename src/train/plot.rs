@@ -133,30 +133,29 @@ pub fn run_curves(run: &Path, families: bool, color: usize) -> Result<Vec<Curve>
         .filter(|c| !c.points.is_empty())
         .collect());
     }
-    let family_map = |v: &Value| -> Option<serde_json::Map<String, Value>> {
-        let val = &v["val"];
-        val["by_family"]
-            .as_object()
-            .or_else(|| val["per_answer_type"].as_object())
-            .cloned()
-    };
-    let mut names: Vec<String> = lines
-        .iter()
-        .filter_map(|(_, v)| family_map(v))
-        .flat_map(|m| m.keys().cloned().collect::<Vec<_>>())
-        .collect();
-    names.sort();
-    names.dedup();
+    let mut names = std::collections::BTreeSet::new();
+    for (_, v) in &lines {
+        names.extend(families_of(v).into_iter().flat_map(|m| m.keys().cloned()));
+    }
     Ok(names
         .iter()
         .enumerate()
         .map(|(i, fam)| Curve {
             label: format!("{name} {fam}"),
-            points: series(&|v| family_map(v).and_then(|m| m.get(fam).and_then(Value::as_f64))),
+            points: series(&|v| families_of(v)?.get(fam)?.as_f64()),
             color: color + i,
             train: false,
         })
         .collect())
+}
+
+/// A metrics line's validation accuracy per question type: CLEVR's
+/// `by_family` or VQA's `per_answer_type`.
+fn families_of(line: &Value) -> Option<&serde_json::Map<String, Value>> {
+    let val = &line["val"];
+    val["by_family"]
+        .as_object()
+        .or_else(|| val["per_answer_type"].as_object())
 }
 
 fn register_font() -> Result<(), TrainError> {
