@@ -1494,6 +1494,15 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `println!` into a closed pipe (`moevqa eval
+    // --json | head -c 100`) would panic. Ended by the signal instead, like
+    // any Unix filter.
+    #[cfg(unix)]
+    // SAFETY: first thing in main, before any thread exists; SIG_DFL is a
+    // valid action for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

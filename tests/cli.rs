@@ -292,3 +292,24 @@ fn bench_fast_engine_and_whole_cnn_json() {
         "--engine",
     );
 }
+
+/// A reader that closes the pipe early (`moevqa ... | head -c 10`) ends the
+/// command by SIGPIPE, as with any Unix filter, not by a panic.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_pipe_is_not_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let (reader, writer) = std::io::pipe().unwrap();
+    // Closed before the child writes its first byte: deterministic EPIPE.
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_moevqa"))
+        .args(["flops", "--model", "vqa", "--json"])
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
