@@ -55,7 +55,7 @@ for step in $STEPS; do
     pids=()
     for k in 12 6; do
       RAYON_NUM_THREADS=1 $B train --data "$OUT/socfull-data" --out "$OUT/socfull-k$k" --k $k \
-        --epochs 20 --batch 64 --lr 1e-3 --image-size 75 --resume > "$OUT/socfull-k$k.log" 2>&1 &
+        --epochs 20 --batch 64 --lr 2.5e-4 --image-size 75 --resume > "$OUT/socfull-k$k.log" 2>&1 &
       pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p"; done
@@ -63,7 +63,7 @@ for step in $STEPS; do
       $B eval --run "$OUT/socfull-k$k" --data "$OUT/socfull-data" --json > "$OUT/socfull-k$k.json"
     done
     $B plot --run "$OUT/socfull-k12" --run "$OUT/socfull-k6" --out "$OUT/socfull-curves.png" \
-      --title "Sort-of-CLEVR, 75x75, batch 64, lr 1e-3"
+      --title "Sort-of-CLEVR, 75x75, batch 64, lr 2.5e-4"
     for k in 12 6; do
       $B plot --run "$OUT/socfull-k$k" --families --out "$OUT/socfull-k$k-families.png" \
         --title "Sort-of-CLEVR, k = $k, val accuracy per question type"
