@@ -62,6 +62,7 @@ for step in $STEPS; do
     for k in 12 6; do
       $B eval --run "$OUT/socfull-k$k" --data "$OUT/socfull-data" --json > "$OUT/socfull-k$k.json"
     done
+    $B report --run "$OUT/socfull-k12" --run "$OUT/socfull-k6" > "$OUT/socfull-report.md"
     $B plot --run "$OUT/socfull-k12" --run "$OUT/socfull-k6" --out "$OUT/socfull-curves.png" \
       --title "Sort-of-CLEVR, 75x75, batch 64, lr 2.5e-4"
     for k in 12 6; do

@@ -96,6 +96,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Per-epoch table of one or more runs from their metrics.jsonl: train and
+    /// val accuracy, val accuracy per question type, Sort-of-CLEVR's
+    /// relational / non-relational means (Markdown).
+    Report {
+        /// A run directory (its metrics.jsonl); repeat for several runs.
+        #[arg(long = "run", required = true)]
+        runs: Vec<std::path::PathBuf>,
+        /// One JSON object per epoch and run: `{"run", "k", "epoch", "train",
+        /// "val", "non_relational", "relational", "families": {name: percent}}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluates a trained run on a split, at any k.
     Eval {
         /// Run directory written by `train`.
@@ -1127,7 +1139,7 @@ fn cmd_demo(
     epochs: usize,
     json: bool,
 ) -> Result<()> {
-    use moevqa::data::sort_of_clevr::{SortOfClevrConfig, generate, is_relational};
+    use moevqa::data::sort_of_clevr::{SortOfClevrConfig, generate, group_means};
     let root = out.unwrap_or_else(|| std::env::temp_dir().join("moevqa-demo"));
     let data = root.join("sort-of-clevr");
     let summary = generate(
@@ -1187,21 +1199,15 @@ fn cmd_demo(
         )?;
         let gate = GateSettings::new().with_question_dim(cfg.question_dim);
         let macs = count_macs(&CnnLayout::clevr(), (64, 64), Some(k), &gate)?;
-        let mean = |rel: bool| {
-            let v: Vec<f64> = report
-                .by_family
-                .iter()
-                .filter(|(f, _)| is_relational(f) == rel)
-                .map(|(_, a)| *a)
-                .collect();
-            v.iter().sum::<f64>() / v.len().max(1) as f64
-        };
+        // NaN (null in --json) only if a val set lacks a whole group.
+        let (non_relational, relational) =
+            group_means(&report.by_family).unwrap_or((f64::NAN, f64::NAN));
         rows.push(DemoRow {
             k,
             cnn_macs: macs.cnn_macs,
             accuracy: report.accuracy,
-            relational: mean(true),
-            non_relational: mean(false),
+            relational,
+            non_relational,
             images_per_s: report.questions_per_s,
         });
     }
@@ -1395,6 +1401,18 @@ fn run(cli: Cli) -> Result<()> {
             title,
             json,
         } => cmd_plot(&runs, &out, families, &title, json),
+        Command::Report { runs, json } => {
+            let mut rows = Vec::new();
+            for run in &runs {
+                rows.extend(moevqa::train::report::RunMetrics::read(run)?.rows());
+            }
+            if json {
+                print_json_lines(true, &rows)
+            } else {
+                print!("{}", moevqa::train::report::markdown(&rows));
+                Ok(())
+            }
+        }
         Command::Eval {
             run,
             data,

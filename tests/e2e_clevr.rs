@@ -70,6 +70,19 @@ fn generate_train_eval_predict_answer_resume() {
     assert_eq!(metric_lines(&run), printed);
 
     let r = run.to_str().unwrap();
+    // report: the recorded epoch as one JSON row and as a Markdown table.
+    let rep = ok(moevqa(&["report", "--run", r, "--json"]));
+    let row: serde_json::Value = serde_json::from_slice(&rep.stdout).unwrap();
+    assert_eq!(row["epoch"], 1);
+    assert_eq!(row["val"], printed[0]["val"]["accuracy"]);
+    assert_eq!(row["families"], printed[0]["val"]["by_family"]);
+    assert!(row["relational"].is_number() && row["non_relational"].is_number());
+    let md = String::from_utf8(ok(moevqa(&["report", "--run", r])).stdout).unwrap();
+    assert_eq!(md.lines().count(), 3, "{md}");
+    assert!(
+        md.lines().nth(2).unwrap().starts_with("| run | 12 | 1 |"),
+        "{md}"
+    );
     let out = ok(moevqa(&[
         "eval", "--run", r, "--data", d, "--k", "3", "--json",
     ]));

@@ -71,6 +71,27 @@ pub fn is_relational(question_type: &str) -> bool {
     QUESTION_TYPES[3..].contains(&question_type)
 }
 
+/// (non-relational, relational): the plain means of the per-type accuracies
+/// of each group, the two numbers of the public Sort-of-CLEVR results.
+/// `None` unless every type is a Sort-of-CLEVR one and both groups appear.
+pub fn group_means(by_type: &std::collections::BTreeMap<String, f64>) -> Option<(f64, f64)> {
+    if by_type
+        .keys()
+        .any(|t| !QUESTION_TYPES.contains(&t.as_str()))
+    {
+        return None;
+    }
+    let mean = |rel: bool| {
+        let v: Vec<f64> = by_type
+            .iter()
+            .filter(|(t, _)| is_relational(t) == rel)
+            .map(|(_, a)| *a)
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    Some((mean(false)?, mean(true)?))
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Object {
     color: usize,
@@ -284,6 +305,28 @@ pub fn generate(out: &Path, cfg: &SortOfClevrConfig) -> Result<GenerateSummary, 
 mod tests {
     use super::*;
     use crate::data::clevr_format::{QuestionFile, SceneFile, read_split_files, split_paths};
+
+    #[test]
+    fn group_means_need_sort_of_clevr_types_of_both_groups() {
+        let m = |pairs: &[(&str, f64)]| -> std::collections::BTreeMap<String, f64> {
+            pairs.iter().map(|(t, a)| (t.to_string(), *a)).collect()
+        };
+        let both = m(&[
+            ("is_top", 20.0),
+            ("query_shape", 80.0),
+            ("closest_shape", 30.0),
+        ]);
+        assert_eq!(group_means(&both), Some((50.0, 30.0)));
+        assert_eq!(group_means(&m(&[("is_top", 20.0)])), None);
+        assert_eq!(
+            group_means(&m(&[
+                ("is_top", 20.0),
+                ("count", 1.0),
+                ("closest_shape", 3.0)
+            ])),
+            None
+        );
+    }
 
     fn tmp(name: &str) -> std::path::PathBuf {
         crate::data::test_dir(&format!("soc-{name}"))

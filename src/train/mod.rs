@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod clevr;
 pub mod plot;
+pub mod report;
 pub mod run;
 pub mod vqa;
 

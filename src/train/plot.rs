@@ -15,7 +15,8 @@ use plotters::prelude::*;
 use serde_json::Value;
 
 use super::TrainError;
-use super::run::{RunPaths, io_err};
+use super::report::{RunMetrics, families_of, train_of};
+use super::run::io_err;
 
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
@@ -65,60 +66,17 @@ pub struct Curve {
 /// validation and training accuracy, or with `families` its validation
 /// accuracy per question type. Labels start with the directory's name and k.
 pub fn run_curves(run: &Path, families: bool, color: usize) -> Result<Vec<Curve>, TrainError> {
-    let paths = RunPaths::new(run);
-    let text = std::fs::read_to_string(&paths.metrics).map_err(|e| io_err(&paths.metrics, e))?;
-    let mut lines = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: Value = serde_json::from_str(line).map_err(|e| {
-            TrainError::Input(format!(
-                "{} line {}: not a metrics line ({e})",
-                paths.metrics.display(),
-                i + 1
-            ))
-        })?;
-        let epoch = v["epoch"].as_f64().ok_or_else(|| {
-            TrainError::Input(format!(
-                "{} line {}: expected a number in \"epoch\"",
-                paths.metrics.display(),
-                i + 1
-            ))
-        })?;
-        lines.push((epoch, v));
-    }
-    if lines.is_empty() {
-        return Err(TrainError::Input(format!(
-            "{}: no epoch recorded yet",
-            paths.metrics.display()
-        )));
-    }
-    let name = run
-        .file_name()
-        .map_or_else(|| run.display().to_string(), |n| n.to_string_lossy().into());
-    let k = std::fs::read_to_string(&paths.config)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|c| c["k"].as_u64());
-    let name = match k {
-        Some(k) => format!("{name} (k = {k})"),
-        None => name,
-    };
+    let m = RunMetrics::read(run)?;
+    let (name, lines) = (m.label(), &m.lines);
     let series = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
         lines
             .iter()
-            .filter_map(|(e, v)| f(v).map(|y| (*e, y)))
+            .filter_map(|(e, v)| f(v).map(|y| (*e as f64, y)))
             .collect()
     };
     if !families {
         let val = series(&|v| v["val"]["accuracy"].as_f64());
-        let train = series(&|v| {
-            v["train_accuracy"]
-                .as_f64()
-                .or_else(|| v["train_score"].as_f64())
-        });
+        let train = series(&train_of);
         let curve = |label: String, points, train| Curve {
             label,
             points,
@@ -134,7 +92,7 @@ pub fn run_curves(run: &Path, families: bool, color: usize) -> Result<Vec<Curve>
         .collect());
     }
     let mut names = std::collections::BTreeSet::new();
-    for (_, v) in &lines {
+    for (_, v) in lines {
         names.extend(families_of(v).into_iter().flat_map(|m| m.keys().cloned()));
     }
     Ok(names
@@ -147,15 +105,6 @@ pub fn run_curves(run: &Path, families: bool, color: usize) -> Result<Vec<Curve>
             train: false,
         })
         .collect())
-}
-
-/// A metrics line's validation accuracy per question type: CLEVR's
-/// `by_family` or VQA's `per_answer_type`.
-fn families_of(line: &Value) -> Option<&serde_json::Map<String, Value>> {
-    let val = &line["val"];
-    val["by_family"]
-        .as_object()
-        .or_else(|| val["per_answer_type"].as_object())
 }
 
 fn register_font() -> Result<(), TrainError> {
@@ -241,17 +190,7 @@ pub fn draw(curves: &[Curve], title: &str, out: &Path) -> Result<(), TrainError>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn run_dir(name: &str, lines: &[&str]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir()
-            .join(format!("moevqa-plot-{}", std::process::id()))
-            .join(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("metrics.jsonl"), lines.join("\n")).unwrap();
-        std::fs::write(dir.join("config.json"), r#"{"k": 6}"#).unwrap();
-        dir
-    }
+    use crate::train::report::tests::run_dir;
 
     const CLEVR: [&str; 2] = [
         r#"{"epoch":1,"train_accuracy":40.0,"val":{"accuracy":45.5,"by_family":{"count":30.0,"exist":60.0}}}"#,
@@ -294,25 +233,6 @@ mod tests {
         let f = run_curves(&vqa, true, 0).unwrap();
         assert_eq!(f[0].label, "vqa (k = 6) yes/no");
         assert_eq!(f[0].points, vec![(2.0, 59.7)]);
-    }
-
-    #[test]
-    fn bad_metrics_files_name_the_file_and_line() {
-        let bad = run_dir("bad", &[CLEVR[0], "{not json"]);
-        let e = run_curves(&bad, false, 0).unwrap_err().to_string();
-        assert!(
-            e.contains("metrics.jsonl line 2: not a metrics line"),
-            "{e}"
-        );
-        let no_epoch = run_dir("no-epoch", &[r#"{"val":{}}"#]);
-        let e = run_curves(&no_epoch, false, 0).unwrap_err().to_string();
-        assert!(e.contains("line 1: expected a number in \"epoch\""), "{e}");
-        let empty = run_dir("empty", &[]);
-        let e = run_curves(&empty, false, 0).unwrap_err().to_string();
-        assert!(e.contains("no epoch recorded yet"), "{e}");
-        let missing = bad.join("nowhere");
-        let e = run_curves(&missing, false, 0).unwrap_err().to_string();
-        assert!(e.contains("nowhere/metrics.jsonl"), "{e}");
     }
 
     #[test]
