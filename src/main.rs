@@ -329,6 +329,9 @@ impl moevqa::train::run::Progress for BarProgress {
             line.lr,
             line.batch
         );
+        if let Some(w) = &line.warning {
+            eprintln!("warning: {w}");
+        }
     }
 }
 
@@ -453,6 +456,7 @@ struct EvalJson<'a> {
     expert_usage: &'a [Vec<u64>],
     engine: moevqa::kernels::Engine,
     questions_per_s: f64,
+    dead_units: Option<&'a moevqa::models::relation_network::DeadUnits>,
 }
 
 fn cmd_eval(
@@ -481,6 +485,7 @@ fn cmd_eval(
             expert_usage: &report.expert_usage,
             engine: report.engine,
             questions_per_s: report.questions_per_s,
+            dead_units: report.dead_units.as_ref(),
         };
         println!("{}", serde_json::to_string(&j)?);
         return Ok(());
@@ -496,6 +501,9 @@ fn cmd_eval(
     );
     for (f, acc) in &report.by_family {
         println!("  {f:<20} {acc:6.2}%");
+    }
+    if let Some(d) = &report.dead_units {
+        println!("{d}");
     }
     Ok(())
 }

@@ -94,6 +94,29 @@ fn generate_train_eval_predict_answer_resume() {
     assert!(v["cnn_macs_per_image"].as_u64().unwrap() > 0);
     let usage = v["expert_usage"].as_array().unwrap();
     assert_eq!(usage.len(), 3);
+    // The dead-unit probe: all 40 val questions (fewer than 128), g's four
+    // layers and f's two, shares in [0, 1]; the epoch's metrics carry it too.
+    let dead = &v["dead_units"];
+    assert_eq!(dead["questions"], 40);
+    let shares: Vec<f64> = ["g", "f"]
+        .iter()
+        .flat_map(|l| {
+            dead[l]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+        })
+        .collect();
+    assert_eq!(shares.len(), 6, "{dead}");
+    assert!(shares.iter().all(|x| (0.0..=1.0).contains(x)), "{dead}");
+    assert_eq!(
+        printed[0]["val"]["dead_units"]["g"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
     let total: u64 = usage[0]
         .as_array()
         .unwrap()

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::cnn::Execution;
 use crate::data::clevr_reader::{ClevrSplit, load_images};
 use crate::kernels::{Engine, EvalCnn};
+use crate::models::relation_network::DeadUnits;
 use crate::models::{GatedVqaModel, RelationNetwork, RelationNetworkConfig, RnOutput};
 use crate::moe::BalanceLossConfig;
 use crate::text::{PAD, Vocab};
@@ -141,9 +142,48 @@ pub struct EvalReport {
     /// Questions answered per second (images read and decoded, model run).
     #[serde(default)]
     pub questions_per_s: f64,
+    /// Dead ReLU units of g and f on a probe of the split's questions
+    /// (`PROBE_QUESTIONS`, spread evenly over it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_units: Option<DeadUnits>,
     /// Predicted answer index per question, in order.
     #[serde(skip)]
     pub predictions: Vec<usize>,
+}
+
+/// Questions in the dead-unit probe of [`evaluate`].
+pub const PROBE_QUESTIONS: usize = 128;
+
+/// The dead units of `model` on up to [`PROBE_QUESTIONS`] of `items`, spread
+/// evenly over them; run 16 questions at a time, since g holds every pair's
+/// activations (4,096 pairs a question at 128x128).
+pub fn probe_dead_units(
+    model: &RelationNetwork,
+    cnn: &EvalCnn,
+    items: &[Encoded],
+    k: usize,
+    image_size: u32,
+    device: &Device,
+) -> Result<Option<DeadUnits>, TrainError> {
+    let step = (items.len() / PROBE_QUESTIONS).max(1);
+    let probe: Vec<&Encoded> = items.iter().step_by(step).take(PROBE_QUESTIONS).collect();
+    let mut maxima: Vec<Vec<f32>> = Vec::new();
+    for chunk in probe.chunks(16) {
+        let b = make_batch(chunk, image_size, device)?;
+        let q = model.encode_question(b.tokens, &b.lengths)?;
+        let features = cnn.forward_k(b.images, Some(q.clone()), k)?;
+        let m = model.relu_maxima(features, q)?;
+        if maxima.is_empty() {
+            maxima = m;
+        } else {
+            for (acc, layer) in maxima.iter_mut().zip(m) {
+                for (a, x) in acc.iter_mut().zip(layer) {
+                    *a = a.max(x);
+                }
+            }
+        }
+    }
+    Ok((!probe.is_empty()).then(|| DeadUnits::from_maxima(&maxima, probe.len())))
 }
 
 /// Evaluates `model` (eval mode: give it `model.valid()`) sparse at `k`,
@@ -198,6 +238,7 @@ pub fn evaluate(
             100.0 * r as f64 / n as f64
         }
     };
+    let questions_per_s = items.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     Ok(EvalReport {
         k,
         questions: items.len(),
@@ -205,7 +246,8 @@ pub fn evaluate(
         by_family: fam.into_iter().map(|(k, (r, n))| (k, pct(r, n))).collect(),
         expert_usage: usage,
         engine,
-        questions_per_s: items.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        questions_per_s,
+        dead_units: probe_dead_units(model, &cnn, items, k, image_size, device)?,
         predictions,
     })
 }

@@ -14,6 +14,7 @@ use crate::data::clevr_format::write_json_atomic;
 use crate::data::clevr_reader::ClevrSplit;
 use crate::kernels::{Engine, EvalCnn};
 use crate::models::RelationNetworkConfig;
+use crate::models::relation_network::DeadUnits;
 use crate::models::{GatedVqaModel, RelationNetwork};
 use crate::moe::BalanceLossConfig;
 use crate::train::checkpoint::{TrainState, has_checkpoint, load_checkpoint, save_checkpoint};
@@ -113,6 +114,8 @@ pub struct EpochSummary {
     pub questions_per_s: f64,
     pub lr: f64,
     pub batch: usize,
+    /// Something the user should act on (printed after the epoch line).
+    pub warning: Option<String>,
 }
 
 /// Paths inside a run directory.
@@ -259,10 +262,30 @@ pub fn train(
             questions_per_s: line.questions_per_s,
             lr,
             batch,
+            warning: line
+                .val
+                .as_ref()
+                .and_then(|v| dead_g_warning(v.dead_units.as_ref()?, lr)),
         });
         lines.push(line);
     }
     Ok(lines)
+}
+
+/// Share of g's last layer dead from which `train` warns.
+pub const DEAD_G_WARNING: f64 = 0.5;
+
+/// The warning for a run whose g is dying, if it is.
+pub fn dead_g_warning(dead: &DeadUnits, lr: f64) -> Option<String> {
+    let last = *dead.g.last()?;
+    (last >= DEAD_G_WARNING).then(|| {
+        format!(
+            "{:.0}% of g's last layer is dead (zero for all {} probe questions of val): the answers \
+             barely depend on the image; a lower --lr than {lr:.1e} keeps g alive",
+            100.0 * last,
+            dead.questions
+        )
+    })
 }
 
 /// Creates the run directory and checks it: a run already there needs
@@ -547,4 +570,27 @@ pub fn chosen_experts(gates: &[crate::moe::Gates]) -> Result<Vec<Vec<(usize, f64
         );
     }
     Ok(experts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_warns_when_g_dies() {
+        let dead = |last: f64| DeadUnits {
+            questions: 128,
+            g: vec![0.0, 0.1, last],
+            f: vec![0.5, 0.6],
+        };
+        let w = dead_g_warning(&dead(0.97), 1e-3).expect("a warning at 97%");
+        assert!(
+            w.contains("97% of g's last layer") && w.contains("128 probe questions"),
+            "{w}"
+        );
+        assert!(w.contains("--lr than 1.0e-3"), "{w}");
+        assert_eq!(dead_g_warning(&dead(0.3), 1e-3), None);
+        // f's dead share (structural, see DeadUnits) does not warn.
+        assert_eq!(dead_g_warning(&dead(0.0), 1e-3), None);
+    }
 }

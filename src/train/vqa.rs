@@ -524,6 +524,7 @@ pub fn train_vqa(
             questions_per_s: line.questions_per_s,
             lr,
             batch,
+            warning: None,
         });
         lines.push(line);
     }
