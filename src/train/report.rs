@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::TrainError;
 use super::run::{RunPaths, io_err};
 use crate::data::sort_of_clevr;
+use crate::models::relation_network::DeadUnits;
 
 /// The epochs a run recorded, in file order.
 #[derive(Debug, Clone)]
@@ -97,6 +98,7 @@ impl RunMetrics {
                     non_relational: groups.map(|g| g.0),
                     relational: groups.map(|g| g.1),
                     families,
+                    dead_units: serde_json::from_value(v["val"]["dead_units"].clone()).ok(),
                 }
             })
             .collect()
@@ -119,6 +121,8 @@ pub struct EpochRow {
     pub relational: Option<f64>,
     /// Validation accuracy per question family (CLEVR) or answer type (VQA).
     pub families: BTreeMap<String, f64>,
+    /// The Relation Network's dead-unit probe on val, where recorded.
+    pub dead_units: Option<DeadUnits>,
 }
 
 /// A metrics line's training accuracy (CLEVR) or soft score (VQA v2).
@@ -138,10 +142,17 @@ pub(crate) fn families_of(line: &Value) -> Option<&serde_json::Map<String, Value
 }
 
 /// The rows as a Markdown table: run, k, epoch, train, val, the
-/// Sort-of-CLEVR group means when every row has them, then one column per
-/// question type (Sort-of-CLEVR's in its own order, others alphabetical).
+/// Sort-of-CLEVR group means when every row has them, one column per
+/// question type (Sort-of-CLEVR's in its own order, others alphabetical),
+/// and the dead share of g's last layer when any row recorded it.
 pub fn markdown(rows: &[EpochRow]) -> String {
     let groups = !rows.is_empty() && rows.iter().all(|r| r.relational.is_some());
+    let dead_g = |r: &EpochRow| {
+        r.dead_units
+            .as_ref()
+            .and_then(|d| d.g.last().map(|x| 100.0 * x))
+    };
+    let dead = rows.iter().any(|r| dead_g(r).is_some());
     let mut families: Vec<&String> = Vec::new();
     for r in rows {
         for f in r.families.keys() {
@@ -162,6 +173,9 @@ pub fn markdown(rows: &[EpochRow]) -> String {
         head.extend(["non-relational %", "relational %"]);
     }
     head.extend(families.iter().map(|f| f.as_str()));
+    if dead {
+        head.push("g last layer dead %");
+    }
     let cell = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.2}"));
     let mut out = format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
     for r in rows {
@@ -176,6 +190,9 @@ pub fn markdown(rows: &[EpochRow]) -> String {
             c.extend([cell(r.non_relational), cell(r.relational)]);
         }
         c.extend(families.iter().map(|f| cell(r.families.get(*f).copied())));
+        if dead {
+            c.push(cell(dead_g(r)));
+        }
         out.push_str(&format!("| {} |\n", c.join(" | ")));
     }
     out
@@ -239,7 +256,7 @@ pub(crate) mod tests {
         let clevr = run_dir(
             "c",
             &[
-                r#"{"epoch":1,"train_accuracy":40.0,"val":{"accuracy":45.5,"by_family":{"exist":60.0,"count":30.0}}}"#,
+                r#"{"epoch":1,"train_accuracy":40.0,"val":{"accuracy":45.5,"by_family":{"exist":60.0,"count":30.0},"dead_units":{"questions":128,"g":[0.0,0.25],"f":[0.5,0.5]}}}"#,
             ],
         );
         let vqa = run_dir(
@@ -252,13 +269,21 @@ pub(crate) mod tests {
         rows.extend(RunMetrics::read(&vqa).unwrap().rows());
         assert_eq!(rows[0].relational, None);
         assert_eq!((rows[1].train, rows[1].val), (Some(30.0), Some(31.4)));
+        assert_eq!(rows[0].dead_units.as_ref().unwrap().g, vec![0.0, 0.25]);
+        assert_eq!(rows[1].dead_units, None);
         let md = markdown(&rows);
         assert!(
-            md.starts_with("| run | k | epoch | train % | val % | count | exist | yes/no |"),
+            md.starts_with(
+                "| run | k | epoch | train % | val % | count | exist | yes/no | g last layer dead % |"
+            ),
             "{md}"
         );
         assert!(
-            md.contains("| v | 6 | 3 | 30.00 | 31.40 | - | - | 59.70 |"),
+            md.contains("| c | 6 | 1 | 40.00 | 45.50 | 30.00 | 60.00 | - | 25.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| v | 6 | 3 | 30.00 | 31.40 | - | - | 59.70 | - |"),
             "{md}"
         );
     }
