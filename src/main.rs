@@ -98,13 +98,14 @@ enum Command {
     },
     /// Per-epoch table of one or more runs from their metrics.jsonl: train and
     /// val accuracy, val accuracy per question type, Sort-of-CLEVR's
-    /// relational / non-relational means (Markdown).
+    /// relational / non-relational means, g's dead units (Markdown).
     Report {
         /// A run directory (its metrics.jsonl); repeat for several runs.
         #[arg(long = "run", required = true)]
         runs: Vec<std::path::PathBuf>,
         /// One JSON object per epoch and run: `{"run", "k", "epoch", "train",
-        /// "val", "non_relational", "relational", "families": {name: percent}}`.
+        /// "val", "non_relational", "relational", "families": {name: percent},
+        /// "dead_units"}`.
         #[arg(long)]
         json: bool,
     },
