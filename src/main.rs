@@ -157,8 +157,10 @@ enum Command {
     },
     /// Predicts every question of a split (the test split needs no answers).
     Predict {
+        /// Run directory written by `train`.
         #[arg(long)]
         run: std::path::PathBuf,
+        /// Dataset directory (the layout of the run's dataset).
         #[arg(long)]
         data: std::path::PathBuf,
         /// `clevr` or `vqa2`; must match the run (default: the run's).
@@ -172,6 +174,9 @@ enum Command {
         out: std::path::PathBuf,
         #[command(flatten)]
         inference: InferenceArgs,
+        /// Print `{"out", "split", "predictions"}` (the count) instead of a sentence.
+        #[arg(long)]
+        json: bool,
     },
     /// Answers one question about one image (PNG or JPEG).
     Answer {
@@ -1265,20 +1270,6 @@ fn cmd_demo(
     Ok(())
 }
 
-fn cmd_predict(
-    device: &Device,
-    run: &std::path::Path,
-    data: &std::path::Path,
-    split: &str,
-    out: &std::path::Path,
-    inf: Inference,
-) -> Result<()> {
-    let preds = moevqa::train::run::predict_run(run, data, split, inf, device)?;
-    moevqa::data::clevr_format::write_json_atomic(out, &preds)?;
-    println!("wrote {} predictions to {}", preds.len(), out.display());
-    Ok(())
-}
-
 fn cmd_answer(
     device: &Device,
     run: &std::path::Path,
@@ -1370,16 +1361,27 @@ fn run(cli: Cli) -> Result<()> {
             split,
             out,
             inference,
+            json,
         } => {
             let device = pick_device(&cli.device)?;
             let inf = inference.resolve(&device)?;
-            if run_kind(&run, dataset.as_deref())? == "vqa2" {
+            let (split, n) = if run_kind(&run, dataset.as_deref())? == "vqa2" {
                 let split = split.unwrap_or_else(|| "test2015".into());
-                vqa_cli::cmd_predict_vqa(&device, &run, &data, &split, &out, inf)
+                let n = vqa_cli::cmd_predict_vqa(&device, &run, &data, &split, &out, inf)?;
+                (split, n)
             } else {
                 let split = split.unwrap_or_else(|| "test".into());
-                cmd_predict(&device, &run, &data, &split, &out, inf)
+                let preds = moevqa::train::run::predict_run(&run, &data, &split, inf, &device)?;
+                moevqa::data::clevr_format::write_json_atomic(&out, &preds)?;
+                (split, preds.len())
+            };
+            if json {
+                let j = serde_json::json!({"out": out, "split": split, "predictions": n});
+                println!("{j}");
+            } else {
+                println!("wrote {n} {split} predictions to {}", out.display());
             }
+            Ok(())
         }
         Command::Answer {
             run,

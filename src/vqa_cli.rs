@@ -303,7 +303,8 @@ fn print_vqa_eval(split: &str, r: &VqaEvalReport, macs: u64, size: u32) {
     }
 }
 
-/// `moevqa predict` on a VQA run: the official results file.
+/// `moevqa predict` on a VQA run: writes the official results file
+/// (`[{"question_id", "answer"}]`); returns how many results.
 pub fn cmd_predict_vqa(
     device: &Device,
     run: &Path,
@@ -311,7 +312,7 @@ pub fn cmd_predict_vqa(
     split: &str,
     out: &Path,
     inf: Inference,
-) -> Result<()> {
+) -> Result<usize> {
     let (_, r) = moevqa::train::vqa::evaluate_vqa_run(run, data, split, inf, device)?;
     let results: Vec<VqaResult> = r
         .predictions
@@ -322,12 +323,7 @@ pub fn cmd_predict_vqa(
         })
         .collect();
     moevqa::data::clevr_format::write_json_atomic(out, &results)?;
-    println!(
-        "wrote {} results to {} (official format: [{{\"question_id\", \"answer\"}}])",
-        results.len(),
-        out.display()
-    );
-    Ok(())
+    Ok(results.len())
 }
 
 /// `moevqa answer` on a VQA run.

@@ -195,7 +195,7 @@ fn generate_train_eval_predict_answer_resume() {
         std::fs::copy(e.path(), test_images.join(e.file_name())).unwrap();
     }
     let preds_path = root.join("preds.json");
-    ok(moevqa(&[
+    let said = ok(moevqa(&[
         "predict",
         "--run",
         r,
@@ -205,7 +205,11 @@ fn generate_train_eval_predict_answer_resume() {
         "test",
         "--out",
         preds_path.to_str().unwrap(),
+        "--json",
     ]));
+    let said: serde_json::Value = serde_json::from_slice(&said.stdout).unwrap();
+    assert_eq!(said["predictions"], 40);
+    assert_eq!(said["split"], "test");
     let preds: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(&preds_path).unwrap()).unwrap();
     assert_eq!(preds.len(), 40);

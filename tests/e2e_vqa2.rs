@@ -146,7 +146,7 @@ fn generate_train_eval_predict_score_answer() {
 
     // The test split: official results format, every question once.
     let test_res = root.join("results.json");
-    ok(moevqa(&[
+    let said = json(&ok(moevqa(&[
         "predict",
         "--run",
         r,
@@ -154,7 +154,12 @@ fn generate_train_eval_predict_score_answer() {
         d,
         "--out",
         test_res.to_str().unwrap(),
-    ]));
+        "--json",
+    ])));
+    assert_eq!(
+        (said["predictions"].as_u64(), said["split"].as_str()),
+        (Some(8), Some("test2015"))
+    );
     let res: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(&test_res).unwrap()).unwrap();
     assert_eq!(res.len(), 8);
