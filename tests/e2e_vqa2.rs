@@ -72,6 +72,13 @@ fn generate_train_eval_predict_score_answer() {
     let line = json(&out);
     assert_eq!(line["epoch"], 1);
     assert!(line["train_loss"].as_f64().unwrap().is_finite());
+    // report reads a VQA run's val score and answer types from the real line.
+    let row = json(&ok(moevqa(&["report", "--run", r, "--json"])));
+    assert_eq!(row["val"], line["val"]["score"]["overall"], "{row}");
+    assert!(row["val"].is_number(), "{row}");
+    assert_eq!(row["families"], line["val"]["score"]["per_answer_type"]);
+    assert!(!row["families"].as_object().unwrap().is_empty(), "{row}");
+    assert_eq!(row["train"], line["train_score"]);
     for f in [
         "config.json",
         "vocab.json",

@@ -15,7 +15,7 @@ use plotters::prelude::*;
 use serde_json::Value;
 
 use super::TrainError;
-use super::report::{RunMetrics, families_of, train_of};
+use super::report::{RunMetrics, families_of, train_of, val_of};
 use super::run::io_err;
 
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
@@ -75,7 +75,7 @@ pub fn run_curves(run: &Path, families: bool, color: usize) -> Result<Vec<Curve>
             .collect()
     };
     if !families {
-        let val = series(&|v| v["val"]["accuracy"].as_f64());
+        let val = series(&val_of);
         let train = series(&train_of);
         let curve = |label: String, points, train| Curve {
             label,
@@ -224,7 +224,7 @@ mod tests {
             "vqa",
             &[
                 r#"{"epoch":1,"train_score":20.0,"val":null}"#,
-                r#"{"epoch":2,"train_score":30.0,"val":{"accuracy":31.4,"per_answer_type":{"yes/no":59.7}}}"#,
+                r#"{"epoch":2,"train_score":30.0,"val":{"k":6,"score":{"overall":31.4,"per_answer_type":{"yes/no":59.7},"per_question_type":{},"questions":8}}}"#,
             ],
         );
         let c = run_curves(&vqa, false, 0).unwrap();

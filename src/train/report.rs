@@ -94,7 +94,7 @@ impl RunMetrics {
                     k: self.k,
                     epoch: *epoch,
                     train: train_of(v),
-                    val: v["val"]["accuracy"].as_f64(),
+                    val: val_of(v),
                     non_relational: groups.map(|g| g.0),
                     relational: groups.map(|g| g.1),
                     families,
@@ -132,13 +132,22 @@ pub(crate) fn train_of(line: &Value) -> Option<f64> {
         .or_else(|| line["train_score"].as_f64())
 }
 
+/// A metrics line's validation accuracy: CLEVR's `val.accuracy` or VQA's
+/// official score, `val.score.overall`.
+pub(crate) fn val_of(line: &Value) -> Option<f64> {
+    let val = &line["val"];
+    val["accuracy"]
+        .as_f64()
+        .or_else(|| val["score"]["overall"].as_f64())
+}
+
 /// A metrics line's validation accuracy per question type: CLEVR's
-/// `by_family` or VQA's `per_answer_type`.
+/// `val.by_family` or VQA's `val.score.per_answer_type`.
 pub(crate) fn families_of(line: &Value) -> Option<&serde_json::Map<String, Value>> {
     let val = &line["val"];
     val["by_family"]
         .as_object()
-        .or_else(|| val["per_answer_type"].as_object())
+        .or_else(|| val["score"]["per_answer_type"].as_object())
 }
 
 /// The rows as a Markdown table: run, k, epoch, train, val, the
@@ -262,7 +271,7 @@ pub(crate) mod tests {
         let vqa = run_dir(
             "v",
             &[
-                r#"{"epoch":3,"train_score":30.0,"val":{"accuracy":31.4,"per_answer_type":{"yes/no":59.7}}}"#,
+                r#"{"epoch":3,"train_score":30.0,"val":{"k":6,"score":{"overall":31.4,"per_answer_type":{"yes/no":59.7},"per_question_type":{"is the":60.0},"questions":8}}}"#,
             ],
         );
         let mut rows = RunMetrics::read(&clevr).unwrap().rows();
