@@ -98,7 +98,8 @@ enum Command {
     },
     /// Per-epoch table of one or more runs from their metrics.jsonl: train and
     /// val accuracy, val accuracy per question type, Sort-of-CLEVR's
-    /// relational / non-relational means, g's dead units (Markdown).
+    /// relational / non-relational means, the dead share of g's last layer
+    /// (Markdown).
     Report {
         /// A run directory (its metrics.jsonl); repeat for several runs.
         #[arg(long = "run", required = true)]
@@ -435,6 +436,7 @@ fn cmd_plot(
             .iter()
             .map(|c| serde_json::json!({"label": c.label, "points": c.points}))
             .collect();
+        let out = out.display().to_string();
         println!("{}", serde_json::json!({"out": out, "curves": rows}));
     } else {
         println!("wrote {} ({} curves)", out.display(), curves.len());
@@ -1376,6 +1378,7 @@ fn run(cli: Cli) -> Result<()> {
                 (split, preds.len())
             };
             if json {
+                let out = out.display().to_string();
                 let j = serde_json::json!({"out": out, "split": split, "predictions": n});
                 println!("{j}");
             } else {

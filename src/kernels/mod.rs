@@ -54,7 +54,7 @@
 //! attention, the stem's max pool) are in
 //! [`crate::fused`].
 
-mod block;
+pub(crate) mod block;
 mod cnn;
 mod conv3x3;
 mod gate;

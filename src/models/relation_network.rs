@@ -121,11 +121,7 @@ impl std::fmt::Display for DeadUnits {
 
 /// The largest value of each column of [rows, cols].
 fn column_max(x: &Tensor<2>) -> MoeResult<Vec<f32>> {
-    x.clone()
-        .max_dim(0)
-        .into_data()
-        .try_into_vec::<f32>()
-        .map_err(|e| MoeError::shape("relu maxima", "f32 values", format!("{e:?}")))
+    crate::kernels::block::host_vec(x.clone().max_dim(0), "relu maxima")
 }
 
 /// Output of a forward pass.

@@ -143,7 +143,7 @@ pub struct EvalReport {
     #[serde(default)]
     pub questions_per_s: f64,
     /// Dead ReLU units of g and f on a probe of the split's questions
-    /// (`PROBE_QUESTIONS`, spread evenly over it).
+    /// ([`probe_dead_units`]); set by `train` and `eval`, not `evaluate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_units: Option<DeadUnits>,
     /// Predicted answer index per question, in order.
@@ -151,22 +151,29 @@ pub struct EvalReport {
     pub predictions: Vec<usize>,
 }
 
-/// Questions in the dead-unit probe of [`evaluate`].
+/// Questions in the dead-unit probe ([`probe_dead_units`]).
 pub const PROBE_QUESTIONS: usize = 128;
 
-/// The dead units of `model` on up to [`PROBE_QUESTIONS`] of `items`, spread
-/// evenly over them; run 16 questions at a time, since g holds every pair's
-/// activations (4,096 pairs a question at 128x128).
+/// The dead units of `model` (eval mode) on [`PROBE_QUESTIONS`] of `items`
+/// (all of them when fewer), drawn with a fixed seed so that the probe
+/// covers the split and does not alias with a generator's order of question
+/// types; its CNN run by `engine` at `k`. 16 questions at a time, since g
+/// holds every pair's activations (4,096 pairs a question at 128x128).
 pub fn probe_dead_units(
     model: &RelationNetwork,
-    cnn: &EvalCnn,
     items: &[Encoded],
     k: usize,
+    engine: Engine,
     image_size: u32,
     device: &Device,
 ) -> Result<Option<DeadUnits>, TrainError> {
-    let step = (items.len() / PROBE_QUESTIONS).max(1);
-    let probe: Vec<&Encoded> = items.iter().step_by(step).take(PROBE_QUESTIONS).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut picked =
+        rand::seq::index::sample(&mut rng, items.len(), PROBE_QUESTIONS.min(items.len()))
+            .into_vec();
+    picked.sort_unstable();
+    let probe: Vec<&Encoded> = picked.iter().map(|&i| &items[i]).collect();
+    let cnn = EvalCnn::new(&model.cnn, engine)?;
     let mut maxima: Vec<Vec<f32>> = Vec::new();
     for chunk in probe.chunks(16) {
         let b = make_batch(chunk, image_size, device)?;
@@ -247,7 +254,7 @@ pub fn evaluate(
         expert_usage: usage,
         engine,
         questions_per_s,
-        dead_units: probe_dead_units(model, &cnn, items, k, image_size, device)?,
+        dead_units: None,
         predictions,
     })
 }

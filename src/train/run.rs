@@ -20,7 +20,7 @@ use crate::moe::BalanceLossConfig;
 use crate::train::checkpoint::{TrainState, has_checkpoint, load_checkpoint, save_checkpoint};
 use crate::train::clevr::{
     Encoded, EpochSettings, EvalReport, RunVocab, adam, build_model, encode_split, evaluate,
-    make_batch, train_epoch,
+    make_batch, probe_dead_units, train_epoch,
 };
 use crate::train::{Inference, TrainError};
 use burn::module::Module;
@@ -232,15 +232,15 @@ pub fn train(
         )?;
         model = m;
         let val = match &val_items {
-            Some(v) => Some(evaluate(
-                &model.valid(),
-                v,
-                cfg.k,
-                Engine::for_device(device),
-                cfg.batch,
-                cfg.image_size,
-                device,
-            )?),
+            Some(v) => {
+                let valid = model.valid();
+                let engine = Engine::for_device(device);
+                let mut report =
+                    evaluate(&valid, v, cfg.k, engine, cfg.batch, cfg.image_size, device)?;
+                report.dead_units =
+                    probe_dead_units(&valid, v, cfg.k, engine, cfg.image_size, device)?;
+                Some(report)
+            }
             None => None,
         };
         let line = EpochLine {
@@ -265,7 +265,7 @@ pub fn train(
             warning: line
                 .val
                 .as_ref()
-                .and_then(|v| dead_g_warning(v.dead_units.as_ref()?, lr)),
+                .and_then(|v| dead_g_warning(v.dead_units.as_ref()?, cfg.lr)),
         });
         lines.push(line);
     }
@@ -428,27 +428,24 @@ pub fn load_run(run: &Path, device: &Device) -> Result<LoadedRun, TrainError> {
 }
 
 /// Runs a trained run over `split` of `data`, sparse at `inf.k` (default the
-/// run's).
+/// run's); with `probe`, the report carries the dead-unit probe too.
 fn run_over_split(
     run: &Path,
     data: &Path,
     split: &str,
     inf: Inference,
     device: &Device,
+    probe: bool,
 ) -> Result<(LoadedRun, ClevrSplit, EvalReport), TrainError> {
     let r = load_run(run, device)?;
     let ds = ClevrSplit::open(data, split)?;
     let items = encode_split(&ds, &r.vocab.words, &r.vocab.answers)?;
     let k = inf.k.unwrap_or(r.config.k);
-    let report = evaluate(
-        &r.model,
-        &items,
-        k,
-        inf.engine,
-        inf.batch,
-        r.config.image_size,
-        device,
-    )?;
+    let size = r.config.image_size;
+    let mut report = evaluate(&r.model, &items, k, inf.engine, inf.batch, size, device)?;
+    if probe {
+        report.dead_units = probe_dead_units(&r.model, &items, k, inf.engine, size, device)?;
+    }
     Ok((r, ds, report))
 }
 
@@ -460,7 +457,7 @@ pub fn evaluate_run(
     inf: Inference,
     device: &Device,
 ) -> Result<(RunConfig, EvalReport), TrainError> {
-    let (r, _, report) = run_over_split(run, data, split, inf, device)?;
+    let (r, _, report) = run_over_split(run, data, split, inf, device, true)?;
     Ok((r.config, report))
 }
 
@@ -480,7 +477,7 @@ pub fn predict_run(
     inf: Inference,
     device: &Device,
 ) -> Result<Vec<Prediction>, TrainError> {
-    let (r, ds, report) = run_over_split(run, data, split, inf, device)?;
+    let (r, ds, report) = run_over_split(run, data, split, inf, device, false)?;
     Ok(ds
         .questions
         .iter()
