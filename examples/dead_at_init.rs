@@ -8,7 +8,7 @@
 use burn::module::Module;
 use burn::tensor::Device;
 use moevqa::data::clevr_reader::ClevrSplit;
-use moevqa::kernels::Engine;
+use moevqa::kernels::{Engine, EvalCnn};
 use moevqa::train::clevr::{RunVocab, build_model, encode_split, probe_dead_units};
 use moevqa::train::run::{RunPaths, load_config};
 
@@ -30,7 +30,8 @@ fn main() {
         let model = build_model(&vocab, cfg.model(), &device.clone().autodiff())
             .unwrap()
             .valid();
-        let dead = probe_dead_units(&model, &items, cfg.k, Engine::Fast, cfg.image_size, &device)
+        let cnn = EvalCnn::new(&model.cnn, Engine::Fast).unwrap();
+        let dead = probe_dead_units(&model, &cnn, &items, cfg.k, cfg.image_size, &device)
             .unwrap()
             .expect("a val split with questions");
         println!("seed {seed}: {dead}");

@@ -157,13 +157,14 @@ pub const PROBE_QUESTIONS: usize = 128;
 /// The dead units of `model` (eval mode) on [`PROBE_QUESTIONS`] of `items`
 /// (all of them when fewer), drawn with a fixed seed so that the probe
 /// covers the split and does not alias with a generator's order of question
-/// types; its CNN run by `engine` at `k`. 16 questions at a time, since g
-/// holds every pair's activations (4,096 pairs a question at 128x128).
+/// types; its CNN run by `cnn` (built from `model.cnn`) at `k`. 16
+/// questions at a time, since g holds every pair's activations (4,096 pairs
+/// a question at 128x128).
 pub fn probe_dead_units(
     model: &RelationNetwork,
+    cnn: &EvalCnn,
     items: &[Encoded],
     k: usize,
-    engine: Engine,
     image_size: u32,
     device: &Device,
 ) -> Result<Option<DeadUnits>, TrainError> {
@@ -173,7 +174,6 @@ pub fn probe_dead_units(
             .into_vec();
     picked.sort_unstable();
     let probe: Vec<&Encoded> = picked.iter().map(|&i| &items[i]).collect();
-    let cnn = EvalCnn::new(&model.cnn, engine)?;
     let mut maxima: Vec<Vec<f32>> = Vec::new();
     for chunk in probe.chunks(16) {
         let b = make_batch(chunk, image_size, device)?;
@@ -194,17 +194,17 @@ pub fn probe_dead_units(
 }
 
 /// Evaluates `model` (eval mode: give it `model.valid()`) sparse at `k`,
-/// its CNN run by `engine`.
+/// its CNN run by `cnn` (built from `model.cnn`).
 pub fn evaluate(
     model: &RelationNetwork,
+    cnn: &EvalCnn,
     items: &[Encoded],
     k: usize,
-    engine: Engine,
     batch: usize,
     image_size: u32,
     device: &Device,
 ) -> Result<EvalReport, TrainError> {
-    let cnn = EvalCnn::new(&model.cnn, engine)?;
+    let engine = cnn.engine();
     let t0 = Instant::now();
     let mut right = 0usize;
     let mut fam: BTreeMap<String, (usize, usize)> = BTreeMap::new();
@@ -213,7 +213,7 @@ pub fn evaluate(
     for chunk in items.chunks(batch.max(1)) {
         let refs: Vec<&Encoded> = chunk.iter().collect();
         let b = make_batch(&refs, image_size, device)?;
-        let out = model.forward_eval(b.images, b.tokens, &b.lengths, k, &cnn)?;
+        let out = model.forward_eval(b.images, b.tokens, &b.lengths, k, cnn)?;
         if usage.is_empty() {
             usage = out
                 .gates
@@ -465,9 +465,11 @@ mod tests {
         assert!(losses[2] < losses[0], "loss did not fall: {losses:?}");
         let eval = model.valid();
         for k in [12, 6, 3] {
-            let r = evaluate(&eval, &val_items, k, Engine::Burn, 16, 64, &base).unwrap();
+            let burn = EvalCnn::new(&eval.cnn, Engine::Burn).unwrap();
+            let r = evaluate(&eval, &burn, &val_items, k, 16, 64, &base).unwrap();
             // The fast CPU path gives the same answers and the same experts.
-            let fast = evaluate(&eval, &val_items, k, Engine::Fast, 16, 64, &base).unwrap();
+            let packed = EvalCnn::new(&eval.cnn, Engine::Fast).unwrap();
+            let fast = evaluate(&eval, &packed, &val_items, k, 16, 64, &base).unwrap();
             assert_eq!(fast.predictions, r.predictions, "k {k}");
             assert_eq!(fast.expert_usage, r.expert_usage, "k {k}");
             assert_eq!(r.questions, 80);

@@ -234,11 +234,10 @@ pub fn train(
         let val = match &val_items {
             Some(v) => {
                 let valid = model.valid();
-                let engine = Engine::for_device(device);
-                let mut report =
-                    evaluate(&valid, v, cfg.k, engine, cfg.batch, cfg.image_size, device)?;
-                report.dead_units =
-                    probe_dead_units(&valid, v, cfg.k, engine, cfg.image_size, device)?;
+                let cnn = EvalCnn::new(&valid.cnn, Engine::for_device(device))?;
+                let (k, size) = (cfg.k, cfg.image_size);
+                let mut report = evaluate(&valid, &cnn, v, k, cfg.batch, size, device)?;
+                report.dead_units = probe_dead_units(&valid, &cnn, v, k, size, device)?;
                 Some(report)
             }
             None => None,
@@ -442,9 +441,10 @@ fn run_over_split(
     let items = encode_split(&ds, &r.vocab.words, &r.vocab.answers)?;
     let k = inf.k.unwrap_or(r.config.k);
     let size = r.config.image_size;
-    let mut report = evaluate(&r.model, &items, k, inf.engine, inf.batch, size, device)?;
+    let cnn = EvalCnn::new(&r.model.cnn, inf.engine)?;
+    let mut report = evaluate(&r.model, &cnn, &items, k, inf.batch, size, device)?;
     if probe {
-        report.dead_units = probe_dead_units(&r.model, &items, k, inf.engine, size, device)?;
+        report.dead_units = probe_dead_units(&r.model, &cnn, &items, k, size, device)?;
     }
     Ok((r, ds, report))
 }
