@@ -153,10 +153,13 @@ const WIDE_MAP: usize = 512;
 
 /// Below this many multiply-adds per sample a batch smaller than the thread
 /// count still runs one sample per thread (see [`Mode`]). With the spinning
-/// team a split paid from about 2 M on (`ref-256x28` at batch 1, k = 8,
-/// 14 M: 0.29 ms on one thread, 0.20 on two); with rayon's joins it took
-/// 16 M.
-const INTRA_MIN_MACS: usize = 2 << 20;
+/// team a split pays from about 1 M on (`ref-256x28` at batch 1, k = 8,
+/// 14 M: 0.29 ms on one thread, 0.20 on two; `clevr-conv3` at batch 1,
+/// k = 3, 1.5 M: efficiency 0.54-0.57 against its dense block split over
+/// both threads at a 2 M threshold, 0.79-0.96 at 1 M); at 512 K the 0.3 M
+/// `clevr-conv4` k = 3 block lost (0.92 -> 0.56). With rayon's joins it
+/// took 16 M.
+const INTRA_MIN_MACS: usize = 1 << 20;
 
 /// Validated per-call selection: the gate row and the paths of each sample.
 type Selection<'a> = Option<(&'a [f32], &'a [Vec<usize>])>;
