@@ -9,7 +9,9 @@
 //! threads, 1 by default, plus its time with and without a fresh output
 //! buffer), `cnnprof` (where the Burn
 //! CNN's time goes: stem, pool, gate controllers, blocks), `cnnloop` (the
-//! packed CNN in a loop, for `perf`; `MODEL=vqa` for ResNeXt-101).
+//! packed CNN in a loop, for `perf`, then where its time goes, part by
+//! part; `MODEL=vqa` for ResNeXt-101, `K=..`, `DENSE=1` for the ungated
+//! network).
 
 use std::str::FromStr;
 
@@ -292,6 +294,23 @@ fn cnn_loop(batch: usize, iters: usize) -> Result<()> {
     println!(
         "packed N{batch} k{k} {exec:?} (gated {}): {ms:.2} ms",
         !dense
+    );
+    // Where it goes: the median of `iters` profiled runs, part by part.
+    let mut runs = Vec::new();
+    for _ in 0..iters.max(1) {
+        runs.push(packed.profile(images.clone(), q.clone(), k, exec)?.1);
+    }
+    runs.sort_by(|a, b| a.total().total_cmp(&b.total()));
+    let p = &runs[runs.len() / 2];
+    let blocks: Vec<String> = p.blocks.iter().map(|t| format!("{t:.2}")).collect();
+    println!(
+        "profile {:.2} ms = stem {:.2} + gate controllers {:.2} + blocks {:.2} [{}] + head {:.2}",
+        p.total(),
+        p.stem,
+        p.gates,
+        p.blocks.iter().sum::<f64>(),
+        blocks.join(" "),
+        p.head
     );
     Ok(())
 }

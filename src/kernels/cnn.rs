@@ -1,9 +1,11 @@
 //! [`PackedResNeXt`]: a whole modular ResNeXt on the fast eval-mode path.
 
 use std::cell::RefCell;
+use std::time::Instant;
 
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
+use serde::Serialize;
 
 use super::block::{Mode, PackedBottleneck, host_vec};
 use super::conv3x3::Isa;
@@ -47,6 +49,41 @@ thread_local! {
 fn grow(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
         v.resize(n, 0.0);
+    }
+}
+
+/// Where a packed CNN's wall time goes ([`PackedResNeXt::profile`]):
+/// milliseconds summed over the samples of one call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CnnProfile {
+    /// Stem convolution (with its BN and ReLU) and max pool.
+    pub stem: f64,
+    /// Every gate controller, with its top-k.
+    pub gates: f64,
+    /// Each block, in order (without its gate controller).
+    pub blocks: Vec<f64>,
+    /// The head convolution, if any.
+    pub head: f64,
+}
+
+impl CnnProfile {
+    /// Sum of the parts.
+    pub fn total(&self) -> f64 {
+        self.stem + self.gates + self.blocks.iter().sum::<f64>() + self.head
+    }
+}
+
+/// Adds the time since the last lap to a slot of the profile, when there
+/// is one.
+struct Laps<'a>(Option<(&'a mut CnnProfile, Instant)>);
+
+impl Laps<'_> {
+    fn lap(&mut self, slot: impl FnOnce(&mut CnnProfile) -> &mut f64) {
+        if let Some((p, t0)) = &mut self.0 {
+            let now = Instant::now();
+            *slot(p) += (now - *t0).as_secs_f64() * 1e3;
+            *t0 = now;
+        }
     }
 }
 
@@ -128,6 +165,35 @@ impl PackedResNeXt {
         k: usize,
         exec: Execution,
     ) -> MoeResult<CnnOutput> {
+        self.forward_impl(images, question, k, exec, None)
+    }
+
+    /// [`Self::forward_k`] sample after sample, each split over all the
+    /// threads, with where the wall time went (stem, gate controllers,
+    /// each block, head; summed over the samples).
+    pub fn profile(
+        &self,
+        images: Tensor<4>,
+        question: Option<Tensor<2>>,
+        k: usize,
+        exec: Execution,
+    ) -> MoeResult<(CnnOutput, CnnProfile)> {
+        let mut prof = CnnProfile {
+            blocks: vec![0.0; self.blocks.len()],
+            ..CnnProfile::default()
+        };
+        let out = self.forward_impl(images, question, k, exec, Some(&mut prof))?;
+        Ok((out, prof))
+    }
+
+    fn forward_impl(
+        &self,
+        images: Tensor<4>,
+        question: Option<Tensor<2>>,
+        k: usize,
+        exec: Execution,
+        mut prof: Option<&mut CnnProfile>,
+    ) -> MoeResult<CnnOutput> {
         let dims = images.dims();
         let cin = self.stem.in_channels();
         let bad_images = || {
@@ -174,22 +240,28 @@ impl PackedResNeXt {
         let mut features = vec![0.0f32; n * feat_len];
         let threads = rayon::current_num_threads().max(1);
         let isa = Isa::detect();
-        let one = |s: usize, f: &mut [f32], t: usize| -> MoeResult<SampleGates> {
+        let one = |s: usize, f: &mut [f32], t: usize, p: Laps<'_>| -> MoeResult<SampleGates> {
             let q = question.as_ref().map(|q| &q[s * qdim..(s + 1) * qdim]);
             let x = (&img[s * in_len..(s + 1) * in_len], h, w);
-            with_cnn_scratch(|sc| self.run_sample(isa, x, q, k, exec, &shapes, f, sc, t))
+            with_cnn_scratch(|sc| self.run_sample(isa, x, q, k, exec, &shapes, f, sc, t, p))
         };
-        let per_sample: Vec<SampleGates> = if n >= threads {
+        let per_sample: Vec<SampleGates> = if let Some(prof) = prof.as_deref_mut() {
+            features
+                .chunks_mut(feat_len)
+                .enumerate()
+                .map(|(s, f)| one(s, f, threads, Laps(Some((&mut *prof, Instant::now())))))
+                .collect::<MoeResult<_>>()?
+        } else if n >= threads {
             features
                 .par_chunks_mut(feat_len)
                 .enumerate()
-                .map(|(s, f)| one(s, f, 1))
+                .map(|(s, f)| one(s, f, 1, Laps(None)))
                 .collect::<MoeResult<_>>()?
         } else {
             features
                 .chunks_mut(feat_len)
                 .enumerate()
-                .map(|(s, f)| one(s, f, threads))
+                .map(|(s, f)| one(s, f, threads, Laps(None)))
                 .collect::<MoeResult<_>>()?
         };
         // Per block: the [N, P] gate values and each sample's selection.
@@ -239,6 +311,7 @@ impl PackedResNeXt {
         out: &mut [f32],
         sc: &mut CnnScratch,
         threads: usize,
+        mut laps: Laps<'_>,
     ) -> MoeResult<SampleGates> {
         let CnnScratch { a, b, col, gate } = sc;
         let len = |i: usize| shapes[i].0 * shapes[i].1 * shapes[i].2;
@@ -253,6 +326,7 @@ impl PackedResNeXt {
             std::mem::swap(a, b);
             at = 1;
         }
+        laps.lap(|p| &mut p.stem);
         let mut gates = Vec::with_capacity(self.gates.len());
         // One thread per sample, or the block's own choice (it splits a
         // sample over the threads only when that pays).
@@ -267,6 +341,7 @@ impl PackedResNeXt {
                     let mut values = vec![0.0f32; ctrl.paths()];
                     ctrl.forward(isa, x, bh * bw, q, &mut values, gate, threads);
                     let sel = top_k_row(&values, k);
+                    laps.lap(|p| &mut p.gates);
                     match exec {
                         Execution::Sparse => {
                             let s = std::slice::from_ref(&sel);
@@ -285,6 +360,7 @@ impl PackedResNeXt {
                 }
                 _ => block.forward_mode(x, 1, bh, bw, None, y, mode)?,
             }
+            laps.lap(|p| &mut p.blocks[i]);
             debug_assert_eq!(c, block.in_channels());
             std::mem::swap(a, b);
             at += 1;
@@ -296,6 +372,7 @@ impl PackedResNeXt {
             }
             None => out.copy_from_slice(&a[..len(at)]),
         }
+        laps.lap(|p| &mut p.head);
         Ok(gates)
     }
 }
@@ -354,8 +431,22 @@ mod tests {
                     same_selection(&got.gates, &want.gates),
                     "{exec:?}: selections differ"
                 );
-                let diff = max_rel_diff(got.features, want.features);
+                let diff = max_rel_diff(got.features.clone(), want.features);
                 assert!(diff <= 1e-4, "{exec:?} k {k} N {n}: rel diff {diff}");
+                // The profiled run computes the same, and accounts for
+                // every block (and for gates exactly when there are any).
+                let (prof_out, prof) = packed.profile(images.clone(), q.clone(), k, exec).unwrap();
+                assert!(same_selection(&prof_out.gates, &got.gates));
+                let diff = max_rel_diff(prof_out.features, got.features);
+                assert!(
+                    diff <= 1e-6,
+                    "profiled {exec:?} k {k} N {n}: rel diff {diff}"
+                );
+                assert_eq!(prof.blocks.len(), cnn.blocks.len());
+                assert!(prof.blocks.iter().all(|&t| t > 0.0) && prof.stem > 0.0);
+                assert_eq!(prof.gates > 0.0, gated, "gate time {}", prof.gates);
+                let parts = prof.stem + prof.gates + prof.head + prof.blocks.iter().sum::<f64>();
+                assert!((prof.total() - parts).abs() < 1e-9);
             }
         }
     }

@@ -71,7 +71,7 @@ use crate::cnn::{CnnOutput, Execution, ModularResNeXt};
 use crate::error::{MoeError, Result};
 
 pub use block::{BlockProfile, PackedBottleneck};
-pub use cnn::PackedResNeXt;
+pub use cnn::{CnnProfile, PackedResNeXt};
 
 /// Which implementation runs an eval-mode CNN (and which one a benchmark
 /// times).
