@@ -192,7 +192,7 @@ impl PackedResNeXt {
         question: Option<Tensor<2>>,
         k: usize,
         exec: Execution,
-        mut prof: Option<&mut CnnProfile>,
+        prof: Option<&mut CnnProfile>,
     ) -> MoeResult<CnnOutput> {
         let dims = images.dims();
         let cin = self.stem.in_channels();
@@ -245,7 +245,7 @@ impl PackedResNeXt {
             let x = (&img[s * in_len..(s + 1) * in_len], h, w);
             with_cnn_scratch(|sc| self.run_sample(isa, x, q, k, exec, &shapes, f, sc, t, p))
         };
-        let per_sample: Vec<SampleGates> = if let Some(prof) = prof.as_deref_mut() {
+        let per_sample: Vec<SampleGates> = if let Some(prof) = prof {
             features
                 .chunks_mut(feat_len)
                 .enumerate()
