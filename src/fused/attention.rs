@@ -29,7 +29,7 @@ use burn::tensor::activation::{softmax, tanh};
 use rayon::prelude::*;
 
 use super::isa::{Isa, multiversion};
-use super::matmul::{View, sgemm};
+use super::matmul::{View, sgemm, sgemm_ptr};
 use super::{Route, route};
 
 /// tanh as Eigen's float rational approximation (odd 13/6 polynomial
@@ -125,7 +125,7 @@ pub(crate) fn attend_forward(
         .enumerate()
         .for_each(|(i, ((att, h), p))| {
             let xs = &x[i * a * d..(i + 1) * a * d];
-            att_w.sample(xs, &qa[i * c..(i + 1) * c], h, p, att, 1);
+            att_w.sample(xs, &qa[i * c..(i + 1) * c], h, p, att);
         });
     out
 }
@@ -145,11 +145,10 @@ pub(crate) struct Attention<'a> {
 impl Attention<'_> {
     /// One sample, `x` [A, D] with D = `p.len()` regions and `qa` [C]:
     /// `h` [C, D] = tanh(W_IA^T x + qa 1^T), `p` [D] = softmax(w_P^T h + b_P)
-    /// and `att` [A] = x p. This is the whole forward pass of the training
-    /// op and the attention of the fast inference path
-    /// (`kernels::gate`). `threads > 1` splits the hidden GEMM in bands of
-    /// hidden units: gemm's own split of this shape (64 rows) gained
-    /// nothing on a sparse ResNeXt-101 at batch 1.
+    /// and `att` [A] = x p, on the calling thread. This is the whole forward
+    /// pass of the training op (samples in parallel) and the attention of
+    /// the fast inference path on one thread (`kernels::gate`; split over
+    /// threads, it runs [`Self::sample_phased`]).
     pub(crate) fn sample(
         &self,
         x: &[f32],
@@ -157,52 +156,145 @@ impl Attention<'_> {
         h: &mut [f32],
         p: &mut [f32],
         att: &mut [f32],
-        threads: usize,
     ) {
         let (a, c, d) = (att.len(), qa.len(), p.len());
         if d == 0 {
             return;
         }
-        let band = |rows: &mut [f32], c0: usize| {
-            let lhs = View {
-                data: &self.w_t.data[c0 * self.w_t.rs..],
-                ..self.w_t
-            };
-            sgemm(
-                rows.len() / d,
-                d,
-                a,
-                rows,
-                d,
-                lhs,
-                View::rows(x, d),
-                false,
-                1,
-            );
-        };
-        if threads > 1 && c >= 16 {
-            let per = c.div_ceil(threads).next_multiple_of(8).min(c);
-            h[..c * d]
-                .par_chunks_mut(per * d)
-                .enumerate()
-                .for_each(|(i, rows)| band(rows, i * per));
-        } else {
-            band(&mut h[..c * d], 0);
-        }
+        sgemm(
+            c,
+            d,
+            a,
+            &mut h[..c * d],
+            d,
+            self.w_t,
+            View::rows(x, d),
+            false,
+            1,
+        );
         p.fill(self.bp);
         for ((row, &q), &wv) in h.chunks_exact_mut(d).zip(qa).zip(self.wp) {
             hidden_row(self.isa, row, q, wv, p);
         }
-        let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for v in p.iter_mut() {
-            *v = (*v - m).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        p.iter_mut().for_each(|v| *v *= inv);
+        softmax_in_place(p);
         weighted_rows(self.isa, x, p, att);
     }
+}
+
+/// Items of one phase of [`Attention::sample_phased`]: their count and what
+/// runs item `i` (items of a phase are independent; a phase starts when
+/// the one before it has finished).
+pub(crate) type AttPhase<'a> = (usize, &'a (dyn Fn(usize) + Sync));
+
+/// A pointer to a phase's buffer, which its items write in disjoint parts.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+
+// SAFETY: items of a phase write disjoint elements (see `sample_phased`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so that closures capture the whole `Out`).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+impl Attention<'_> {
+    /// [`Self::sample`] cut into three phases of independent items, for a
+    /// caller that spreads each phase over its threads (`run`): the hidden
+    /// layer and the scores by blocks of `cols` regions (each item one GEMM
+    /// on its columns, then tanh and its regions' scores while they are in
+    /// cache), the softmax, and the attended vector by blocks of channels.
+    /// Each score sums over the hidden units in the same order as `sample`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn sample_phased(
+        &self,
+        x: &[f32],
+        qa: &[f32],
+        h: &mut [f32],
+        p: &mut [f32],
+        att: &mut [f32],
+        cols: usize,
+        run: &dyn Fn(&[AttPhase<'_>]),
+    ) {
+        let (a, c, d) = (att.len(), qa.len(), p.len());
+        assert!(
+            x.len() >= a * d && h.len() >= c * d && self.wp.len() >= c,
+            "sample_phased: bad sizes"
+        );
+        if d == 0 {
+            return;
+        }
+        let cols = cols.clamp(1, d);
+        let rows = a.div_ceil(4).max(1);
+        let (hp, pp, ap) = (
+            Out(h.as_mut_ptr()),
+            Out(p.as_mut_ptr()),
+            Out(att.as_mut_ptr()),
+        );
+        let hidden = |i: usize| {
+            let (j0, n) = (i * cols, cols.min(d - i * cols));
+            // SAFETY: item i writes columns j0..j0 + n of h's C rows and
+            // p[j0..j0 + n], its own; h holds C*D values, p D.
+            unsafe {
+                sgemm_ptr(
+                    c,
+                    n,
+                    a,
+                    hp.at(j0),
+                    c * d - j0,
+                    d,
+                    self.w_t,
+                    View::rows(&x[j0..], d),
+                    false,
+                    1,
+                )
+            };
+            // SAFETY: as above.
+            let p_cols = unsafe { std::slice::from_raw_parts_mut(pp.at(j0), n) };
+            p_cols.fill(self.bp);
+            for (r, (&q, &wv)) in qa.iter().zip(self.wp).enumerate() {
+                // SAFETY: row r's columns j0..j0 + n, this item's own.
+                let row = unsafe { std::slice::from_raw_parts_mut(hp.at(r * d + j0), n) };
+                hidden_row(self.isa, row, q, wv, p_cols);
+            }
+        };
+        let softmax = |_: usize| {
+            // SAFETY: the only item of its phase; phase 1 is over.
+            softmax_in_place(unsafe { std::slice::from_raw_parts_mut(pp.at(0), d) });
+        };
+        let attend = |i: usize| {
+            let (r0, m) = (i * rows, rows.min(a - i * rows));
+            // SAFETY: p is only read from phase 3 on; att[r0..r0 + m] is
+            // this item's own.
+            let (p, out) = unsafe {
+                (
+                    std::slice::from_raw_parts(pp.at(0), d),
+                    std::slice::from_raw_parts_mut(ap.at(r0), m),
+                )
+            };
+            weighted_rows(self.isa, &x[r0 * d..(r0 + m) * d], p, out);
+        };
+        run(&[
+            (d.div_ceil(cols), &hidden),
+            (1, &softmax),
+            (a.div_ceil(rows), &attend),
+        ]);
+    }
+}
+
+/// `p` = softmax(`p`), in place.
+fn softmax_in_place(p: &mut [f32]) {
+    let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in p.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    p.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// One hidden unit: `h = tanh(h + q)`, then `p += w h` (its share of the
@@ -605,6 +697,49 @@ mod tests {
     }
 
     /// (image_att, att_score) with a non-zero b_P.
+    /// The phased sample (any block of columns, its phases run here in
+    /// order with items in reverse) gives `sample`'s h, p and att.
+    #[test]
+    fn phased_sample_matches_sample() {
+        let val = |i: usize, m: usize| ((i * 7919 % m) as f32 / m as f32 - 0.5) * 0.8;
+        let run = |phases: &[AttPhase<'_>]| {
+            for &(n, f) in phases {
+                (0..n).rev().for_each(f);
+            }
+        };
+        for (a, c, d, cols) in [
+            (1, 1, 1, 16),
+            (6, 8, 5, 2),
+            (24, 64, 1024, 256),
+            (64, 64, 49, 16),
+            (33, 16, 100, 7),
+            (5, 3, 40, 64),
+        ] {
+            let x: Vec<f32> = (0..a * d).map(|i| val(i, 97)).collect();
+            let w: Vec<f32> = (0..c * a).map(|i| val(i, 89)).collect();
+            let qa: Vec<f32> = (0..c).map(|i| val(i, 13)).collect();
+            let wp: Vec<f32> = (0..c).map(|i| val(i + 5, 11)).collect();
+            let att_w = Attention {
+                w_t: View::rows(&w, a),
+                wp: &wp,
+                bp: 0.3,
+                isa: Isa::detect(),
+            };
+            let (mut h1, mut p1, mut a1) = (vec![0.0; c * d], vec![0.0; d], vec![0.0; a]);
+            att_w.sample(&x, &qa, &mut h1, &mut p1, &mut a1);
+            let (mut h2, mut p2, mut a2) = (vec![9.0; c * d], vec![9.0; d], vec![9.0; a]);
+            att_w.sample_phased(&x, &qa, &mut h2, &mut p2, &mut a2, cols, &run);
+            for (got, want, what) in [(&h2, &h1, "h"), (&p2, &p1, "p"), (&a2, &a1, "att")] {
+                for (g, w) in got.iter().zip(want.iter()) {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{what} A {a} C {c} D {d} cols {cols}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
     fn layers(a: usize, c: usize, device: &Device) -> (Linear, Linear) {
         let ia = LinearConfig::new(a, c).with_bias(false).init(device);
         let sc = LinearConfig::new(c, 1).init(device);
