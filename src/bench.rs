@@ -87,6 +87,7 @@ pub struct BlockBench {
     pub batch: usize,
     pub k: usize,
     pub paths: usize,
+    /// Timed runs of each of dense and sparse ([`time_pair_ms`]).
     pub iters: usize,
     /// Median eval-mode forward time, all paths.
     pub dense_ms: f64,
@@ -210,17 +211,36 @@ pub fn time_ms<T>(device: &Device, warmup: usize, iters: usize, mut f: impl FnMu
     median(times)
 }
 
-/// Median milliseconds of `a` and of `b` over `iters` runs each, timed in
-/// turn (a, b, a, b, ...) after `warmup` runs of each: a change in the
-/// shared machine's load during the measurement then falls on both alike,
-/// and their ratio (the speedup the benchmarks report) stays honest.
+/// Timed runs of a pair, at least, when a pair takes less than this: short
+/// rows (a batch-1 block takes 0.02-2 ms) repeat until their medians hold
+/// still (five runs of a 0.6 ms block read 0.80-0.84 efficiency in `bench
+/// all` where fifty read 0.94-0.97).
+pub const MIN_PAIR_MS: f64 = 250.0;
+
+/// At most this many times the requested runs, for the shortest pairs.
+const MAX_PAIR_FACTOR: usize = 200;
+
+/// Medians of a pair timed in turn, and how many runs each took.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairTimes {
+    pub a_ms: f64,
+    pub b_ms: f64,
+    pub iters: usize,
+}
+
+/// Median milliseconds of `a` and of `b`, timed in turn (a, b, a, b, ...)
+/// after `warmup` runs of each: a change in the shared machine's load
+/// during the measurement then falls on both alike, and their ratio (the
+/// speedup the benchmarks report) stays honest. At least `iters` runs each,
+/// and more, up to [`MAX_PAIR_FACTOR`] times as many, until the timed runs
+/// add up to [`MIN_PAIR_MS`].
 pub fn time_pair_ms<A, B>(
     device: &Device,
     warmup: usize,
     iters: usize,
     mut a: impl FnMut() -> A,
     mut b: impl FnMut() -> B,
-) -> (f64, f64) {
+) -> PairTimes {
     let timed = |f: &mut dyn FnMut()| {
         let t0 = Instant::now();
         f();
@@ -232,11 +252,19 @@ pub fn time_pair_ms<A, B>(
         timed(&mut || drop(b()));
     }
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for _ in 0..iters.max(1) {
+    let (least, most) = (iters.max(1), iters.max(1) * MAX_PAIR_FACTOR);
+    let mut total = 0.0;
+    while ta.len() < least || (total < MIN_PAIR_MS && ta.len() < most) {
         ta.push(timed(&mut || drop(a())));
         tb.push(timed(&mut || drop(b())));
+        total += ta[ta.len() - 1] + tb[tb.len() - 1];
     }
-    (median(ta), median(tb))
+    let iters = ta.len();
+    PairTimes {
+        a_ms: median(ta),
+        b_ms: median(tb),
+        iters,
+    }
 }
 
 /// What a block benchmark runs: a preset's block at a batch size and k.
@@ -340,8 +368,8 @@ pub fn bench_block(
             .forward_sparse(b.x.clone(), b.gates.clone(), &b.selection)
     };
     let diff = max_rel_diff(sparse()?, dense()?);
-    let times = time_pair_ms(device, warmup, iters, dense, sparse);
-    Ok(b.case.report(iters, times, diff, Engine::Burn))
+    let t = time_pair_ms(device, warmup, iters, dense, sparse);
+    Ok(b.case.report(t.iters, (t.a_ms, t.b_ms), diff, Engine::Burn))
 }
 
 /// max |a - b| / max |b| of host slices.
@@ -440,14 +468,14 @@ pub fn bench_block_fast(
     b.dense(&mut dense_out)?;
     b.sparse(&mut sparse_out)?;
     let diff = max_rel_diff_slices(&sparse_out, &dense_out);
-    let times = time_pair_ms(
+    let t = time_pair_ms(
         device,
         warmup,
         iters,
         || b.dense(&mut dense_out),
         || b.sparse(&mut sparse_out),
     );
-    Ok(b.case.report(iters, times, diff, Engine::Fast))
+    Ok(b.case.report(t.iters, (t.a_ms, t.b_ms), diff, Engine::Fast))
 }
 
 /// Times a whole CNN (`model`: `clevr` or `vqa`, see
@@ -493,13 +521,12 @@ pub fn bench_cnn(
     let reference = gated
         .forward_k(images.clone(), Some(q.clone()), k, Execution::Dense)?
         .features;
-    let (dense_ms, sparse_ms, diff) = match engine {
+    let (t, diff) = match engine {
         Engine::Burn => {
             let dense = || plain.forward_k(images.clone(), None, k, Execution::Dense);
             let sparse = || gated.forward_k(images.clone(), Some(q.clone()), k, Execution::Sparse);
             let diff = max_rel_diff(sparse()?.features, reference);
-            let (dense_ms, sparse_ms) = time_pair_ms(device, 1, iters, dense, sparse);
-            (dense_ms, sparse_ms, diff)
+            (time_pair_ms(device, 1, iters, dense, sparse), diff)
         }
         Engine::Fast => {
             let gated = PackedResNeXt::from_cnn(&gated)?;
@@ -507,13 +534,12 @@ pub fn bench_cnn(
             let dense = || plain.forward_k(images.clone(), None, k, Execution::Dense);
             let sparse = || gated.forward_k(images.clone(), Some(q.clone()), k, Execution::Sparse);
             let diff = max_rel_diff(sparse()?.features, reference);
-            let (dense_ms, sparse_ms) = time_pair_ms(device, 1, iters, dense, sparse);
-            (dense_ms, sparse_ms, diff)
+            (time_pair_ms(device, 1, iters, dense, sparse), diff)
         }
     };
     let m = Measured {
-        iters,
-        times: (dense_ms, sparse_ms),
+        iters: t.iters,
+        times: (t.a_ms, t.b_ms),
         macs: (dense_macs, sparse_macs),
         diff,
         engine,
@@ -526,4 +552,29 @@ pub fn bench_cnn(
         paths,
         m,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn short_pairs_repeat_up_to_the_cap_and_long_ones_run_the_minimum() {
+        let device = Device::default();
+        // Instant pairs never fill the time budget: the cap.
+        let (mut na, mut nb) = (0, 0);
+        let t = time_pair_ms(&device, 2, 3, || na += 1, || nb += 1);
+        assert_eq!(t.iters, 3 * MAX_PAIR_FACTOR);
+        assert_eq!(
+            (na, nb),
+            (t.iters + 2, t.iters + 2),
+            "warm-up plus timed runs"
+        );
+        // Pairs of 2 x 130 ms fill it at once: exactly the minimum.
+        let nap = || std::thread::sleep(Duration::from_millis(130));
+        let t = time_pair_ms(&device, 0, 2, nap, nap);
+        assert_eq!(t.iters, 2);
+        assert!(t.a_ms >= 130.0 && t.b_ms >= 130.0, "{t:?}");
+    }
 }

@@ -590,7 +590,7 @@ enum BenchCommand {
         /// Paths kept per sample; default P/4.
         #[arg(long)]
         k: Option<usize>,
-        /// Timed iterations (median reported).
+        /// Timed iterations at least (median reported); short blocks repeat until 250 ms of timed runs.
         #[arg(long, default_value_t = 10)]
         iters: usize,
         /// Untimed warm-up iterations.
@@ -616,6 +616,7 @@ enum BenchCommand {
         /// Square input size; default the paper's (128 or 224).
         #[arg(long)]
         input: Option<usize>,
+        /// Timed iterations at least (median reported); short runs repeat until 250 ms of timed runs.
         #[arg(long, default_value_t = 5)]
         iters: usize,
         /// `burn` or `fast`.
@@ -629,6 +630,7 @@ enum BenchCommand {
         /// `burn` or `fast`.
         #[arg(long, default_value = "fast")]
         engine: String,
+        /// Timed iterations per row at least (median reported); short rows repeat until 250 ms of timed runs.
         #[arg(long, default_value_t = 5)]
         iters: usize,
         /// Batch of the whole ResNeXt-101 rows (224x224 costs 8 GMACs per image).
