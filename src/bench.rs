@@ -18,11 +18,11 @@ use burn::tensor::{Device, Distribution, Tensor};
 use serde::Serialize;
 
 use crate::cnn::layout::{BlockSpec, CnnLayout};
-use crate::cnn::{Execution, GateSettings, ModularResNeXtConfig};
+use crate::cnn::{Execution, GateSettings, ModularResNeXt, ModularResNeXtConfig};
 use crate::error::{MoeError, Result};
 use crate::flops::{block_macs, count_macs};
 pub use crate::kernels::Engine;
-use crate::kernels::{PackedBottleneck, PackedResNeXt};
+use crate::kernels::{CnnProfile, PackedBottleneck, PackedResNeXt};
 use crate::moe::{Bottleneck, BottleneckConfig, check_k};
 
 /// All block presets, in a stable order.
@@ -478,6 +478,97 @@ pub fn bench_block_fast(
     Ok(b.case.report(t.iters, (t.a_ms, t.b_ms), diff, Engine::Fast))
 }
 
+/// What both [`bench_cnn`] and [`profile_cnn`] run: the gated and the
+/// ungated network (seed 7), random images and questions, and the MACs per
+/// image of each.
+struct CnnInputs {
+    gated: ModularResNeXt,
+    plain: ModularResNeXt,
+    images: Tensor<4>,
+    q: Tensor<2>,
+    dense_macs: u64,
+    sparse_macs: u64,
+}
+
+impl CnnInputs {
+    fn new(
+        layout: &CnnLayout,
+        k: usize,
+        input_size: usize,
+        batch: usize,
+        device: &Device,
+    ) -> Result<CnnInputs> {
+        if batch == 0 {
+            return Err(MoeError::config("--batch", "must be at least 1"));
+        }
+        let input = (input_size, input_size);
+        layout.output_shape(input)?;
+        let gate = GateSettings::new();
+        let dense_macs = count_macs(layout, input, None, &gate)?.total();
+        let sparse_macs = count_macs(layout, input, Some(k), &gate)?.total();
+        device.seed(7);
+        let gated = ModularResNeXtConfig::new(layout.clone(), k).init(device)?;
+        let plain = ModularResNeXtConfig::new(layout.clone(), k)
+            .with_gated(false)
+            .init(device)?;
+        let images = Tensor::<4>::random(
+            [batch, layout.input_channels, input_size, input_size],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        let q = Tensor::<2>::random(
+            [batch, gate.question_dim],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        Ok(CnnInputs {
+            gated,
+            plain,
+            images,
+            q,
+            dense_macs,
+            sparse_macs,
+        })
+    }
+}
+
+/// Where the packed CNNs of [`bench_cnn`] spend their time, part by part:
+/// the ungated network (dense) and the gated one at k (sparse).
+#[derive(Debug, Clone, Serialize)]
+pub struct CnnProfiles {
+    pub dense: CnnProfile,
+    pub sparse: CnnProfile,
+}
+
+/// [`bench_cnn`]'s two networks on the fast CPU path, each profiled
+/// ([`PackedResNeXt::profile`]) `iters` times after one warm-up run: the
+/// run with the median total, for each.
+pub fn profile_cnn(
+    model: &str,
+    batch: usize,
+    k: usize,
+    input_size: usize,
+    iters: usize,
+    device: &Device,
+) -> Result<CnnProfiles> {
+    let layout = CnnLayout::by_model(model)?;
+    let inputs = CnnInputs::new(&layout, k, input_size, batch, device)?;
+    let median_run = |net: &PackedResNeXt, q: Option<Tensor<2>>, exec| -> Result<CnnProfile> {
+        net.profile(inputs.images.clone(), q.clone(), k, exec)?;
+        let mut runs = (0..iters.max(1))
+            .map(|_| Ok(net.profile(inputs.images.clone(), q.clone(), k, exec)?.1))
+            .collect::<Result<Vec<CnnProfile>>>()?;
+        runs.sort_by(|a, b| a.total().total_cmp(&b.total()));
+        Ok(runs.swap_remove(runs.len() / 2))
+    };
+    let plain = PackedResNeXt::from_cnn(&inputs.plain)?;
+    let gated = PackedResNeXt::from_cnn(&inputs.gated)?;
+    Ok(CnnProfiles {
+        dense: median_run(&plain, None, Execution::Dense)?,
+        sparse: median_run(&gated, Some(inputs.q.clone()), Execution::Sparse)?,
+    })
+}
+
 /// Times a whole CNN (`model`: `clevr` or `vqa`, see
 /// [`CnnLayout::by_model`]) at `input_size`x`input_size`, eval mode: dense
 /// is the ungated baseline network (every path, no gate controllers), sparse
@@ -495,29 +586,14 @@ pub fn bench_cnn(
     device: &Device,
 ) -> Result<BlockBench> {
     let layout = CnnLayout::by_model(model)?;
-    if batch == 0 {
-        return Err(MoeError::config("--batch", "must be at least 1"));
-    }
-    let input = (input_size, input_size);
-    layout.output_shape(input)?;
-    let gate = GateSettings::new();
-    let dense_macs = count_macs(&layout, input, None, &gate)?.total();
-    let sparse_macs = count_macs(&layout, input, Some(k), &gate)?.total();
-    device.seed(7);
-    let gated = ModularResNeXtConfig::new(layout.clone(), k).init(device)?;
-    let plain = ModularResNeXtConfig::new(layout.clone(), k)
-        .with_gated(false)
-        .init(device)?;
-    let images = Tensor::<4>::random(
-        [batch, layout.input_channels, input_size, input_size],
-        Distribution::Normal(0.0, 1.0),
-        device,
-    );
-    let q = Tensor::<2>::random(
-        [batch, gate.question_dim],
-        Distribution::Normal(0.0, 1.0),
-        device,
-    );
+    let CnnInputs {
+        gated,
+        plain,
+        images,
+        q,
+        dense_macs,
+        sparse_macs,
+    } = CnnInputs::new(&layout, k, input_size, batch, device)?;
     let reference = gated
         .forward_k(images.clone(), Some(q.clone()), k, Execution::Dense)?
         .features;

@@ -622,6 +622,9 @@ enum BenchCommand {
         /// `burn` or `fast`.
         #[arg(long, default_value = "fast")]
         engine: String,
+        /// Also show where each network's time goes (stem, gate controllers, each block, head; fast engine).
+        #[arg(long)]
+        profile: bool,
         #[arg(long)]
         json: bool,
     },
@@ -920,9 +923,13 @@ fn cmd_bench_cnn(
     input: Option<usize>,
     iters: usize,
     engine: &str,
+    profile: bool,
     json: bool,
 ) -> Result<()> {
     let engine = parse_engine(engine)?;
+    if profile && engine != moevqa::bench::Engine::Fast {
+        bail!("--profile needs --engine fast: it profiles the packed networks");
+    }
     let layout = CnnLayout::by_model(model).map_err(|e| anyhow::anyhow!("--model: {e}"))?;
     let p = layout.paths().context("layout has stages of different P")?;
     let input = input.unwrap_or(layout.default_input().0);
@@ -932,10 +939,36 @@ fn cmd_bench_cnn(
     let k = k.unwrap_or((p / 4).max(1));
     moevqa::moe::check_k(k, p).map_err(|e| anyhow::anyhow!("--k: {e}"))?;
     let r = moevqa::bench::bench_cnn(model, batch, k, input, iters, engine, device)?;
-    if json {
-        println!("{}", serde_json::to_string(&r)?);
-    } else {
-        print_bench(&r);
+    let prof = profile
+        .then(|| moevqa::bench::profile_cnn(model, batch, k, input, iters, device))
+        .transpose()?;
+    match (json, &prof) {
+        (true, None) => println!("{}", serde_json::to_string(&r)?),
+        (true, Some(p)) => println!("{}", serde_json::json!({ "bench": r, "profile": p })),
+        (false, _) => print_bench(&r),
+    }
+    if let (false, Some(p)) = (json, &prof) {
+        println!(
+            "where the time goes (packed networks, the median of {iters} profiled runs, ms over the batch of {batch}):"
+        );
+        for (name, part) in [("dense ", &p.dense), ("sparse", &p.sparse)] {
+            println!(
+                "  {name} {:>8.2} = stem {:.2} + gate controllers {:.2} + blocks {:.2} + head {:.2}",
+                part.total(),
+                part.stem,
+                part.gates,
+                part.blocks.iter().sum::<f64>(),
+                part.head
+            );
+        }
+        let per_block: Vec<String> = p
+            .dense
+            .blocks
+            .iter()
+            .zip(&p.sparse.blocks)
+            .map(|(d, s)| format!("{d:.2}/{s:.2}"))
+            .collect();
+        println!("  each block, dense/sparse: {}", per_block.join(" "));
     }
     Ok(())
 }
@@ -1473,10 +1506,13 @@ fn run(cli: Cli) -> Result<()> {
                 input,
                 iters,
                 engine,
+                profile,
                 json,
             } => {
                 let device = pick_device(&cli.device)?;
-                cmd_bench_cnn(&device, &model, batch, k, input, iters, &engine, json)
+                cmd_bench_cnn(
+                    &device, &model, batch, k, input, iters, &engine, profile, json,
+                )
             }
             BenchCommand::All {
                 engine,

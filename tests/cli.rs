@@ -280,6 +280,8 @@ fn bench_fast_engine_and_whole_cnn_json() {
         assert!(v[key].as_f64().is_some(), "missing {key}");
     }
     assert!(v["max_rel_diff"].as_f64().unwrap() < 1e-4);
+    // The JSON's iteration count is what was timed: at least --iters.
+    assert!(v["iters"].as_u64().unwrap() >= 1);
     assert_one_line_error(
         &moevqa(&[
             "bench",
@@ -290,6 +292,50 @@ fn bench_fast_engine_and_whole_cnn_json() {
             "gpu",
         ]),
         "--engine",
+    );
+    // --profile: the bench row plus, per network, every block's time.
+    let out = moevqa(&[
+        "bench",
+        "cnn",
+        "--model",
+        "clevr",
+        "--batch",
+        "2",
+        "--k",
+        "3",
+        "--input",
+        "64",
+        "--iters",
+        "2",
+        "--profile",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["bench"]["efficiency"].as_f64().is_some());
+    for (net, gated) in [("dense", false), ("sparse", true)] {
+        let p = &v["profile"][net];
+        let blocks = p["blocks"].as_array().unwrap();
+        assert_eq!(blocks.len(), 3, "the CLEVR CNN has 3 blocks");
+        assert!(blocks.iter().all(|t| t.as_f64().unwrap() > 0.0));
+        assert!(p["stem"].as_f64().unwrap() > 0.0);
+        assert_eq!(p["gates"].as_f64().unwrap() > 0.0, gated, "{net}: {p}");
+    }
+    assert_one_line_error(
+        &moevqa(&[
+            "bench",
+            "cnn",
+            "--model",
+            "clevr",
+            "--engine",
+            "burn",
+            "--profile",
+        ]),
+        "--profile",
     );
 }
 
