@@ -256,8 +256,11 @@ fn cnn_profile(batch: usize, iters: usize) -> Result<()> {
     Ok(())
 }
 
-/// The packed CNN (gated, k = P/4, sparse) in a loop, for perf:
-/// `MODEL=vqa` for ResNeXt-101 at 224, else CLEVR at 128.
+/// The packed CNN in a loop, for perf, then its profile: `MODEL=vqa` for
+/// ResNeXt-101 at 224, else CLEVR at 128; gated and sparse at `K` (default
+/// P/4), or the ungated network with `DENSE=1`. The profile runs the samples
+/// one after another, each over all threads, so at a batch of at least the
+/// thread count its total differs from the timed loop (a sample per thread).
 fn cnn_loop(batch: usize, iters: usize) -> Result<()> {
     use moevqa::cnn::{CnnLayout, Execution, ModularResNeXtConfig};
     use moevqa::kernels::PackedResNeXt;

@@ -206,8 +206,9 @@ impl Attention<'_> {
     /// caller that spreads each phase over its threads (`run`): the hidden
     /// layer and the scores by blocks of `cols` regions (each item one GEMM
     /// on its columns, then tanh and its regions' scores while they are in
-    /// cache), the softmax, and the attended vector by blocks of channels.
-    /// Each score sums over the hidden units in the same order as `sample`.
+    /// cache), the softmax, and the attended vector by four blocks of
+    /// channels (its A*D multiply-adds are a small share). Each score sums
+    /// over the hidden units in the same order as `sample`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn sample_phased(
         &self,
@@ -224,8 +225,9 @@ impl Attention<'_> {
             x.len() >= a * d && h.len() >= c * d && self.wp.len() >= c,
             "sample_phased: bad sizes"
         );
-        if d == 0 {
-            return;
+        if d == 0 || a == 0 {
+            // Nothing to split (no regions, or a map without channels).
+            return self.sample(x, qa, h, p, att);
         }
         let cols = cols.clamp(1, d);
         let rows = a.div_ceil(4).max(1);
@@ -696,7 +698,6 @@ mod tests {
         assert!(tanh_fast(f32::INFINITY) <= 1.0);
     }
 
-    /// (image_att, att_score) with a non-zero b_P.
     /// The phased sample (any block of columns, its phases run here in
     /// order with items in reverse) gives `sample`'s h, p and att.
     #[test]
@@ -709,6 +710,7 @@ mod tests {
         };
         for (a, c, d, cols) in [
             (1, 1, 1, 16),
+            (0, 4, 40, 8),
             (6, 8, 5, 2),
             (24, 64, 1024, 256),
             (64, 64, 49, 16),
@@ -740,6 +742,7 @@ mod tests {
         }
     }
 
+    /// (image_att, att_score) with a non-zero b_P.
     fn layers(a: usize, c: usize, device: &Device) -> (Linear, Linear) {
         let ia = LinearConfig::new(a, c).with_bias(false).init(device);
         let sc = LinearConfig::new(c, 1).init(device);

@@ -62,7 +62,8 @@ pub struct CnnProfile {
     pub gates: f64,
     /// Each block, in order (without its gate controller).
     pub blocks: Vec<f64>,
-    /// The head convolution, if any.
+    /// The head convolution (without one, the copy of the last block's
+    /// output into the features).
     pub head: f64,
 }
 

@@ -653,19 +653,21 @@ simd_tile!(
 );
 
 /// Prefetch hints (into L1) for the column ranges `segs` of a panel of
-/// `mr` rows, one per cache line.
+/// `mr` rows: one per 64-byte line that a range touches.
 #[inline(always)]
 fn prefetch_ranges(panel: &[f32], segs: &[(usize, usize)], mr: usize) {
     #[cfg(target_arch = "x86_64")]
     for &(k0, len) in segs {
         let range = &panel[(k0 * mr).min(panel.len())..((k0 + len) * mr).min(panel.len())];
-        for line in range.chunks(16) {
-            // SAFETY: a hint, on an address inside `panel`; it never faults.
+        let Some(last) = range.last() else { continue };
+        // From the line that holds the first value (ranges need not start
+        // on a line) to the one that holds the last.
+        let (start, end) = (range.as_ptr() as usize & !63, last as *const f32 as usize);
+        for addr in (start..=end).step_by(64) {
+            // SAFETY: a hint, not an access: it never faults, and each
+            // address lies on a line of `panel`.
             unsafe {
-                std::arch::x86_64::_mm_prefetch(
-                    line.as_ptr().cast::<i8>(),
-                    std::arch::x86_64::_MM_HINT_T0,
-                )
+                std::arch::x86_64::_mm_prefetch(addr as *const i8, std::arch::x86_64::_MM_HINT_T0)
             };
         }
     }
@@ -710,7 +712,8 @@ unsafe fn chunk_impl<const MR: usize, const NR: usize, K: Tile<MR, NR>>(ch: Chun
         // 26.2-26.6 at k = 16 (`bench_fast -- cnnloop`); in `bench all` the
         // whole network at k = 8 from 22.6-22.9 to 20.8-21.5 ms and dense
         // from 47.3-48.2 to 46.4-47.7, and the conv5 block at batch 32
-        // dense from 47-53 to 44-46 ms.
+        // dense from 47-53 to 44-46 ms. Measured on Zen 5 only (48 KiB L1;
+        // a dense conv5 panel is 32 KiB).
         if let Some(&ahead) = panels.get(i + 2) {
             for t in terms {
                 prefetch_ranges(t.a.panel(ahead), t.segs, MR);
