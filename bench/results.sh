@@ -8,8 +8,9 @@
 # (bench/torch_rn_train.py, about 10 minutes) for the learning curves side by
 # side. `socfull` is the full Sort-of-CLEVR pair of the README (issue 3, point
 # 5: 196,000 questions an epoch, 20 epochs, k = 12 and 6 side by side on one
-# thread each; about 12 hours of both cores): run the step again after an
-# interruption and both runs continue from their last checkpoints.
+# thread each; about 12 hours of both cores on the Xeon, 10 on Zen 5): run
+# the step again after an interruption and both runs continue from their
+# last checkpoints.
 # Usage: bench/results.sh [OUT] [STEP...] (steps: demo clevr2d vqa2 soc soc1k
 # socfull; default the first three). Each step writes JSON to OUT.
 set -euo pipefail
