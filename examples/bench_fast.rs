@@ -299,12 +299,9 @@ fn cnn_loop(batch: usize, iters: usize) -> Result<()> {
         !dense
     );
     // Where it goes: the median of `iters` profiled runs, part by part.
-    let mut runs = Vec::new();
-    for _ in 0..iters.max(1) {
-        runs.push(packed.profile(images.clone(), q.clone(), k, exec)?.1);
-    }
-    runs.sort_by(|a, b| a.total().total_cmp(&b.total()));
-    let p = &runs[runs.len() / 2];
+    let model = if vqa { "vqa" } else { "clevr" };
+    let both = moevqa::bench::profile_cnn(model, batch, k, size, iters, &device)?;
+    let p = if dense { &both.dense } else { &both.sparse };
     let blocks: Vec<String> = p.blocks.iter().map(|t| format!("{t:.2}")).collect();
     println!(
         "profile {:.2} ms = stem {:.2} + gate controllers {:.2} + blocks {:.2} [{}] + head {:.2}",

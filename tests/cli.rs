@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_one_line_error, moevqa};
+use common::{assert_one_line_error, moevqa, ok};
 
 #[test]
 fn flops_json_has_the_documented_shape() {
@@ -59,12 +59,7 @@ fn bench_block_json_has_the_documented_keys() {
         "0",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
     for key in [
         "preset",
         "batch",
@@ -173,12 +168,7 @@ fn generate_sort_of_clevr_writes_the_layout_and_reports_errors() {
         "2",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
     assert_eq!(v["train_questions"], 80);
     assert_eq!(v["val_questions"], 40);
     for f in [
@@ -203,12 +193,7 @@ fn generate_sort_of_clevr_writes_the_layout_and_reports_errors() {
         "32",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
     assert_eq!(v["images"], 6);
     assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
     assert_one_line_error(
@@ -251,24 +236,14 @@ fn bench_fast_engine_and_whole_cnn_json() {
         "fast",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
     assert_eq!(v["engine"], "fast");
     assert!(v["max_rel_diff"].as_f64().unwrap() < 1e-4);
     let out = moevqa(&[
         "bench", "cnn", "--model", "clevr", "--batch", "2", "--k", "6", "--input", "64", "--iters",
         "1", "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
     for key in [
         "dense_ms",
         "sparse_ms",
@@ -310,12 +285,7 @@ fn bench_fast_engine_and_whole_cnn_json() {
         "--profile",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
     assert!(v["bench"]["efficiency"].as_f64().is_some());
     for (net, gated) in [("dense", false), ("sparse", true)] {
         let p = &v["profile"][net];
