@@ -464,6 +464,8 @@ struct EvalJson<'a> {
     expert_usage: &'a [Vec<u64>],
     engine: moevqa::kernels::Engine,
     questions_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cnn_ms_per_image: Option<f64>,
     dead_units: Option<&'a moevqa::models::relation_network::DeadUnits>,
 }
 
@@ -493,17 +495,19 @@ fn cmd_eval(
             expert_usage: &report.expert_usage,
             engine: report.engine,
             questions_per_s: report.questions_per_s,
+            cnn_ms_per_image: report.cnn_ms_per_image,
             dead_units: report.dead_units.as_ref(),
         };
         println!("{}", serde_json::to_string(&j)?);
         return Ok(());
     }
     println!(
-        "{split}: {} questions, k = {}, accuracy {:.2}%, CNN {:.3e} MACs/image, {:.1} questions/s ({} engine)",
+        "{split}: {} questions, k = {}, accuracy {:.2}%, CNN {:.3e} MACs/image{}, {:.1} questions/s ({} engine)",
         report.questions,
         report.k,
         report.accuracy,
         macs.cnn_macs as f64,
+        cnn_time_text(report.cnn_ms_per_image),
         report.questions_per_s,
         report.engine.name()
     );
@@ -514,6 +518,12 @@ fn cmd_eval(
         println!("{d}");
     }
     Ok(())
+}
+
+/// " in X ms measured" (the CNN per image) for an eval line, or nothing
+/// when the engine does not time the CNN.
+pub(crate) fn cnn_time_text(ms: Option<f64>) -> String {
+    ms.map_or_else(String::new, |ms| format!(" in {ms:.4} ms measured"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -1170,6 +1180,7 @@ struct DemoRow {
     relational: f64,
     non_relational: f64,
     images_per_s: f64,
+    cnn_ms_per_image: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -1260,6 +1271,7 @@ fn cmd_demo(
             relational,
             non_relational,
             images_per_s: report.questions_per_s,
+            cnn_ms_per_image: report.cnn_ms_per_image,
         });
     }
     let report = DemoReport {
@@ -1279,18 +1291,22 @@ fn cmd_demo(
         report.train_questions, report.val_questions
     );
     println!(
-        "{:<16} {:>12} {:>10} {:>12} {:>15} {:>10}",
-        "k", "CNN MACs", "val acc %", "relational %", "non-relational %", "images/s"
+        "{:<16} {:>12} {:>11} {:>10} {:>12} {:>15} {:>10}",
+        "k", "CNN MACs", "CNN us/img", "val acc %", "relational %", "non-relational %", "images/s"
     );
     for r in &report.rows {
+        let cnn_us = r
+            .cnn_ms_per_image
+            .map_or_else(|| "-".to_string(), |ms| format!("{:.1}", 1e3 * ms));
         println!(
-            "{:<16} {:>12.3e} {:>10.2} {:>12.2} {:>15.2} {:>10.0}",
+            "{:<16} {:>12.3e} {:>11} {:>10.2} {:>12.2} {:>15.2} {:>10.0}",
             format!(
                 "{} ({:.0}% sparse)",
                 r.k,
                 100.0 * (1.0 - r.k as f64 / p as f64)
             ),
             r.cnn_macs as f64,
+            cnn_us,
             r.accuracy,
             r.relational,
             r.non_relational,
@@ -1298,11 +1314,11 @@ fn cmd_demo(
         );
     }
     println!(
-        "{:<16} {:>12} {:>10.2}   (always answering \"{}\")",
-        "majority answer", "-", report.majority_baseline, report.majority_answer
+        "{:<16} {:>12} {:>11} {:>10.2}   (always answering \"{}\")",
+        "majority answer", "-", "-", report.majority_baseline, report.majority_answer
     );
     println!(
-        "images/s: sparse evaluation at that k (fast CPU path), questions answered per second, one image each, images decoded included, model loading excluded. Per-type accuracies are means over the three question types of each kind."
+        "CNN us/img: measured wall time of the CNN alone per image during that evaluation (sparse at k, fast CPU path, batches of 64). images/s: the whole evaluation, questions answered per second, one image each, images decoded included, model loading excluded. Per-type accuracies are means over the three question types of each kind."
     );
     Ok(())
 }

@@ -245,6 +245,8 @@ struct VqaEvalJson<'a> {
     expert_usage_per_answer_type: &'a std::collections::BTreeMap<String, Vec<Vec<u64>>>,
     engine: Engine,
     questions_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cnn_ms_per_image: Option<f64>,
 }
 
 /// `moevqa eval` on a VQA run.
@@ -272,6 +274,7 @@ pub fn cmd_eval_vqa(
             expert_usage_per_answer_type: &r.expert_usage_per_answer_type,
             engine: r.engine,
             questions_per_s: r.questions_per_s,
+            cnn_ms_per_image: r.cnn_ms_per_image,
         };
         println!("{}", serde_json::to_string(&j)?);
         return Ok(());
@@ -284,11 +287,12 @@ fn print_vqa_eval(split: &str, r: &VqaEvalReport, macs: u64, size: u32) {
     match &r.score {
         Some(s) => {
             println!(
-                "{split}: {} questions, k = {}, VQA accuracy {:.2}%, CNN {:.3e} MACs/image at {size}x{size}, {:.1} questions/s ({} engine)",
+                "{split}: {} questions, k = {}, VQA accuracy {:.2}%, CNN {:.3e} MACs/image at {size}x{size}{}, {:.1} questions/s ({} engine)",
                 r.questions,
                 r.k,
                 s.overall,
                 macs as f64,
+                crate::cnn_time_text(r.cnn_ms_per_image),
                 r.questions_per_s,
                 r.engine.name()
             );
@@ -361,6 +365,7 @@ struct VqaDemoRow {
     accuracy: f64,
     per_answer_type: std::collections::BTreeMap<String, f64>,
     images_per_s: f64,
+    cnn_ms_per_image: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -456,6 +461,7 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
             accuracy: s.overall,
             per_answer_type: s.per_answer_type,
             images_per_s: r.questions_per_s,
+            cnn_ms_per_image: r.cnn_ms_per_image,
         });
     }
     let report = VqaDemoReport {
@@ -474,16 +480,28 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
         report.train_questions, report.val_questions, f.image_size, f.image_size
     );
     println!(
-        "{:<16} {:>16} {:>12} {:>10} {:>8} {:>8} {:>8} {:>10}",
-        "k", "CNN MACs @224", "@input", "VQA acc", "yes/no", "number", "other", "images/s"
+        "{:<16} {:>16} {:>12} {:>11} {:>10} {:>8} {:>8} {:>8} {:>10}",
+        "k",
+        "CNN MACs @224",
+        "@input",
+        "CNN ms/img",
+        "VQA acc",
+        "yes/no",
+        "number",
+        "other",
+        "images/s"
     );
     for r in &report.rows {
         let t = |name: &str| r.per_answer_type.get(name).copied().unwrap_or(f64::NAN);
+        let cnn_ms = r
+            .cnn_ms_per_image
+            .map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
         println!(
-            "{:<16} {:>16.3e} {:>12.3e} {:>10.2} {:>8.2} {:>8.2} {:>8.2} {:>10.1}",
+            "{:<16} {:>16.3e} {:>12.3e} {:>11} {:>10.2} {:>8.2} {:>8.2} {:>8.2} {:>10.1}",
             format!("{} ({:.0}% sparse)", r.k, 100.0 * (1.0 - r.k as f64 / 32.0)),
             r.cnn_macs_at_224 as f64,
             r.cnn_macs as f64,
+            cnn_ms,
             r.accuracy,
             t("yes/no"),
             t("number"),
@@ -492,7 +510,7 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
         );
     }
     println!(
-        "VQA accuracy: the official metric (moevqa vqa-score). Real VQA v2 numbers need the real data (and a GPU); these rows show the path end to end and the cost of each k."
+        "CNN ms/img: measured wall time of the CNN alone per image during that evaluation (sparse at k, at the input size, fast CPU path). VQA accuracy: the official metric (moevqa vqa-score). Real VQA v2 numbers need the real data (and a GPU); these rows show the path end to end and the cost of each k."
     );
     Ok(())
 }

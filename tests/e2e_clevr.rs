@@ -144,6 +144,10 @@ fn generate_train_eval_predict_answer_resume() {
         (Some("fast"), Some("burn"))
     );
     assert!(v["questions_per_s"].as_f64().unwrap() > 0.0);
+    // The CNN's own time is measured on the fast engine only (Burn's ops
+    // may run asynchronously on a GPU).
+    assert!(v["cnn_ms_per_image"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(b.get("cnn_ms_per_image").is_none(), "{b}");
     assert_one_line_error(
         &moevqa(&["eval", "--run", r, "--data", d, "--engine", "gpu"]),
         "--engine",

@@ -97,6 +97,7 @@ fn generate_train_eval_predict_score_answer() {
     assert_eq!(ev["questions"], 12);
     assert_eq!(ev["engine"], "fast", "the CPU default");
     assert!(ev["questions_per_s"].as_f64().unwrap() > 0.0);
+    assert!(ev["cnn_ms_per_image"].as_f64().unwrap() > 0.0, "{ev}");
     let acc = ev["accuracy"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&acc));
     let usage = ev["expert_usage"].as_array().unwrap();

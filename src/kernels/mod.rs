@@ -63,6 +63,8 @@ mod stem;
 mod team;
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -121,31 +123,76 @@ impl FromStr for Engine {
     }
 }
 
-/// A model's CNN ready for sparse inference with the chosen engine: the
-/// Burn module itself, or its packed copy (packed once, reused per batch).
+/// A model's CNN ready for sparse inference with the chosen engine (the
+/// Burn module itself, or its packed copy, packed once and reused per
+/// batch), with the wall time of its calls on the fast engine.
 #[derive(Debug, Clone)]
-pub enum EvalCnn<'a> {
+pub struct EvalCnn<'a> {
+    runner: Runner<'a>,
+    clock: CnnClock,
+}
+
+#[derive(Debug, Clone)]
+enum Runner<'a> {
     /// Plain Burn ops on the model's device.
     Burn(&'a ModularResNeXt),
     /// The packed CPU path; its output tensors are on the images' device.
     Fast(Box<PackedResNeXt>),
 }
 
+/// Wall time spent in [`EvalCnn::forward_k`] and images it ran, summed
+/// (atomics, so that an `EvalCnn` stays shareable between threads).
+#[derive(Debug, Default)]
+struct CnnClock {
+    nanos: AtomicU64,
+    images: AtomicU64,
+}
+
+impl Clone for CnnClock {
+    fn clone(&self) -> CnnClock {
+        CnnClock {
+            nanos: AtomicU64::new(self.nanos.load(Ordering::Relaxed)),
+            images: AtomicU64::new(self.images.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// What an [`EvalCnn`] has run so far: wall seconds inside its calls and
+/// images (see [`EvalCnn::clock`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CnnTime {
+    pub seconds: f64,
+    pub images: u64,
+}
+
+impl CnnTime {
+    /// Milliseconds per image between `earlier` and this reading (None
+    /// when no image ran in between).
+    pub fn ms_per_image_since(&self, earlier: CnnTime) -> Option<f64> {
+        let images = self.images.checked_sub(earlier.images)?;
+        (images > 0).then(|| 1e3 * (self.seconds - earlier.seconds) / images as f64)
+    }
+}
+
 impl<'a> EvalCnn<'a> {
     /// Prepares `cnn` (in eval mode: pass the `valid()` model's CNN) for
     /// `engine`.
     pub fn new(cnn: &'a ModularResNeXt, engine: Engine) -> Result<EvalCnn<'a>> {
-        Ok(match engine {
-            Engine::Burn => EvalCnn::Burn(cnn),
-            Engine::Fast => EvalCnn::Fast(Box::new(PackedResNeXt::from_cnn(cnn)?)),
+        let runner = match engine {
+            Engine::Burn => Runner::Burn(cnn),
+            Engine::Fast => Runner::Fast(Box::new(PackedResNeXt::from_cnn(cnn)?)),
+        };
+        Ok(EvalCnn {
+            runner,
+            clock: CnnClock::default(),
         })
     }
 
     /// The engine it runs on.
     pub fn engine(&self) -> Engine {
-        match self {
-            EvalCnn::Burn(_) => Engine::Burn,
-            EvalCnn::Fast(_) => Engine::Fast,
+        match self.runner {
+            Runner::Burn(_) => Engine::Burn,
+            Runner::Fast(_) => Engine::Fast,
         }
     }
 
@@ -157,9 +204,49 @@ impl<'a> EvalCnn<'a> {
         question: Option<Tensor<2>>,
         k: usize,
     ) -> Result<CnnOutput> {
-        match self {
-            EvalCnn::Burn(cnn) => cnn.forward_k(images, question, k, Execution::Sparse),
-            EvalCnn::Fast(packed) => packed.forward_k(images, question, k, Execution::Sparse),
-        }
+        let n = images.dims()[0] as u64;
+        let t0 = Instant::now();
+        let out = match &self.runner {
+            Runner::Burn(cnn) => cnn.forward_k(images, question, k, Execution::Sparse),
+            Runner::Fast(packed) => packed.forward_k(images, question, k, Execution::Sparse),
+        }?;
+        let nanos = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.clock.nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.clock.images.fetch_add(n, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Time inside [`Self::forward_k`] so far, on the fast engine (images
+    /// tensor in, features out, all computed before the call returns).
+    /// None on Burn's ops: an asynchronous device (a GPU) may return
+    /// before the work is done, so that time would not be the CNN's.
+    pub fn clock(&self) -> Option<CnnTime> {
+        matches!(self.runner, Runner::Fast(_)).then(|| CnnTime {
+            seconds: self.clock.nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            images: self.clock.images.load(Ordering::Relaxed),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CnnTime;
+
+    #[test]
+    fn cnn_time_per_image_between_readings() {
+        let a = CnnTime {
+            seconds: 0.5,
+            images: 10,
+        };
+        let b = CnnTime {
+            seconds: 0.8,
+            images: 70,
+        };
+        // 0.3 s over 60 images: 5 ms each.
+        assert!((b.ms_per_image_since(a).unwrap() - 5.0).abs() < 1e-9);
+        assert!((b.ms_per_image_since(CnnTime::default()).unwrap() - 0.8e3 / 70.0).abs() < 1e-9);
+        // No image in between, or readings out of order: nothing to say.
+        assert_eq!(b.ms_per_image_since(b), None);
+        assert_eq!(a.ms_per_image_since(b), None);
     }
 }

@@ -142,6 +142,10 @@ pub struct EvalReport {
     /// Questions answered per second (images read and decoded, model run).
     #[serde(default)]
     pub questions_per_s: f64,
+    /// Measured wall time of the CNN alone per image (one image per
+    /// question), milliseconds, on the fast engine ([`EvalCnn::clock`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnn_ms_per_image: Option<f64>,
     /// Dead ReLU units of g and f on a probe of the split's questions
     /// ([`probe_dead_units`]); set by `train` and `eval`, not `evaluate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,6 +210,7 @@ pub fn evaluate(
 ) -> Result<EvalReport, TrainError> {
     let engine = cnn.engine();
     let t0 = Instant::now();
+    let clock0 = cnn.clock();
     let mut right = 0usize;
     let mut fam: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut usage: Vec<Vec<u64>> = Vec::new();
@@ -246,6 +251,10 @@ pub fn evaluate(
         }
     };
     let questions_per_s = items.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    let cnn_ms_per_image = cnn
+        .clock()
+        .zip(clock0)
+        .and_then(|(now, before)| now.ms_per_image_since(before));
     Ok(EvalReport {
         k,
         questions: items.len(),
@@ -254,6 +263,7 @@ pub fn evaluate(
         expert_usage: usage,
         engine,
         questions_per_s,
+        cnn_ms_per_image,
         dead_units: None,
         predictions,
     })
@@ -472,6 +482,17 @@ mod tests {
             let fast = evaluate(&eval, &packed, &val_items, k, 16, 64, &base).unwrap();
             assert_eq!(fast.predictions, r.predictions, "k {k}");
             assert_eq!(fast.expert_usage, r.expert_usage, "k {k}");
+            // The CNN is timed on the fast engine only; a second
+            // evaluation with the same EvalCnn times its own calls.
+            assert_eq!(r.cnn_ms_per_image, None);
+            let ms = fast.cnn_ms_per_image.unwrap();
+            assert!(
+                ms > 0.0 && ms < 1e3 / fast.questions_per_s,
+                "k {k}: {ms} ms"
+            );
+            let again = evaluate(&eval, &packed, &val_items[..16], k, 16, 64, &base).unwrap();
+            assert!(again.cnn_ms_per_image.is_some_and(|m| m > 0.0));
+            assert_eq!(packed.clock().unwrap().images, 96);
             assert_eq!(r.questions, 80);
             assert_eq!(r.expert_usage.len(), 3);
             assert!(

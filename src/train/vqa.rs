@@ -25,7 +25,7 @@ use crate::cnn::{CnnLayout, Execution};
 use crate::data::clevr_format::write_json_atomic;
 use crate::data::clevr_reader::load_images;
 use crate::data::vqa2::{AnswerCounting, AnswerVocab, Vqa2Split, annotation_file};
-use crate::kernels::{Engine, EvalCnn};
+use crate::kernels::{CnnTime, Engine, EvalCnn};
 use crate::metrics::vqa::{VqaScore, read_annotations, score};
 use crate::models::GatedVqaModel;
 use crate::models::butd::{Butd, ButdConfig, soft_bce};
@@ -223,6 +223,10 @@ pub struct VqaEvalReport {
     /// Questions answered per second (images read and decoded, model run).
     #[serde(default)]
     pub questions_per_s: f64,
+    /// Measured wall time of the CNN alone per image (one image per
+    /// question), milliseconds, on the fast engine ([`EvalCnn::clock`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnn_ms_per_image: Option<f64>,
     /// (question id, answer) per question, in split order.
     #[serde(skip)]
     pub predictions: Vec<(u64, String)>,
@@ -281,6 +285,9 @@ pub fn evaluate_vqa(
         }
     }
     let questions_per_s = items.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    let cnn_ms_per_image = cnn
+        .clock()
+        .and_then(|now| now.ms_per_image_since(CnnTime::default()));
     let score = match annotations {
         Some(path) => Some(score_predictions(path, &predictions)?),
         None => None,
@@ -293,6 +300,7 @@ pub fn evaluate_vqa(
         expert_usage_per_answer_type: by_type,
         engine,
         questions_per_s,
+        cnn_ms_per_image,
         predictions,
     })
 }
