@@ -124,9 +124,17 @@ enum Command {
         /// Split: val (CLEVR) / val2014 (VQA v2) by default.
         #[arg(long)]
         split: Option<String>,
-        #[command(flatten)]
-        inference: InferenceArgs,
-        /// Print JSON.
+        /// Paths kept per block; repeat it to sweep k (a report per k,
+        /// then a table of accuracy, MACs and measured time per k);
+        /// default the run's k.
+        #[arg(long = "k")]
+        k: Vec<usize>,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// How the CNN runs: `fast` (the packed CPU path; default on the CPU) or `burn` (Burn's tensor ops; default on a GPU).
+        #[arg(long)]
+        engine: Option<String>,
+        /// Print JSON (one object per k, a line each).
         #[arg(long)]
         json: bool,
     },
@@ -469,6 +477,39 @@ struct EvalJson<'a> {
     dead_units: Option<&'a moevqa::models::relation_network::DeadUnits>,
 }
 
+/// One k of an `eval` sweep: what its summary table shows.
+pub(crate) struct SweepRow {
+    pub k: usize,
+    pub cnn_macs: u64,
+    pub cnn_ms_per_image: Option<f64>,
+    /// Percent (the official VQA accuracy on a VQA run; None without
+    /// annotations).
+    pub accuracy: Option<f64>,
+    pub questions_per_s: f64,
+}
+
+/// The summary of an `eval` sweep over k: one row per k.
+fn print_sweep(split: &str, rows: &[SweepRow]) {
+    println!();
+    println!("{split}, by k (sparse; CNN time measured during each evaluation):");
+    println!(
+        "{:>4} {:>12} {:>12} {:>10} {:>12}",
+        "k", "CNN MACs", "CNN ms/img", "accuracy", "questions/s"
+    );
+    for r in rows {
+        let ms = r
+            .cnn_ms_per_image
+            .map_or_else(|| "-".to_string(), |ms| format!("{ms:.4}"));
+        let acc = r
+            .accuracy
+            .map_or_else(|| "-".to_string(), |a| format!("{a:.2}%"));
+        println!(
+            "{:>4} {:>12.3e} {:>12} {:>10} {:>12.1}",
+            r.k, r.cnn_macs as f64, ms, acc, r.questions_per_s
+        );
+    }
+}
+
 fn cmd_eval(
     device: &Device,
     run: &std::path::Path,
@@ -476,7 +517,7 @@ fn cmd_eval(
     split: &str,
     inf: Inference,
     json: bool,
-) -> Result<()> {
+) -> Result<SweepRow> {
     let (cfg, report) = moevqa::train::run::evaluate_run(run, data, split, inf, device)?;
     let gate = GateSettings::new().with_question_dim(cfg.question_dim);
     let macs = count_macs(
@@ -499,14 +540,25 @@ fn cmd_eval(
             dead_units: report.dead_units.as_ref(),
         };
         println!("{}", serde_json::to_string(&j)?);
-        return Ok(());
+    } else {
+        print_eval(split, &report, macs.cnn_macs);
     }
+    Ok(SweepRow {
+        k: report.k,
+        cnn_macs: macs.cnn_macs,
+        cnn_ms_per_image: report.cnn_ms_per_image,
+        accuracy: Some(report.accuracy),
+        questions_per_s: report.questions_per_s,
+    })
+}
+
+fn print_eval(split: &str, report: &moevqa::train::clevr::EvalReport, cnn_macs: u64) {
     println!(
         "{split}: {} questions, k = {}, accuracy {:.2}%, CNN {:.3e} MACs/image{}, {:.1} questions/s ({} engine)",
         report.questions,
         report.k,
         report.accuracy,
-        macs.cnn_macs as f64,
+        cnn_macs as f64,
         cnn_time_text(report.cnn_ms_per_image),
         report.questions_per_s,
         report.engine.name()
@@ -517,7 +569,6 @@ fn cmd_eval(
     if let Some(d) = &report.dead_units {
         println!("{d}");
     }
-    Ok(())
 }
 
 /// " in X ms measured" (the CNN per image) for an eval line, or nothing
@@ -1483,18 +1534,43 @@ fn run(cli: Cli) -> Result<()> {
             data,
             dataset,
             split,
-            inference,
+            k,
+            batch,
+            engine,
             json,
         } => {
             let device = pick_device(&cli.device)?;
-            let inf = inference.resolve(&device)?;
-            if run_kind(&run, dataset.as_deref())? == "vqa2" {
-                let split = split.unwrap_or_else(|| "val2014".into());
-                vqa_cli::cmd_eval_vqa(&device, &run, &data, &split, inf, json)
-            } else {
-                let split = split.unwrap_or_else(|| "val".into());
-                cmd_eval(&device, &run, &data, &split, inf, json)
+            if let Some(bad) = k.iter().find(|&&k| k == 0) {
+                bail!("--k {bad}: expected at least 1 path per block");
             }
+            let sweep: Vec<Option<usize>> = if k.is_empty() {
+                vec![None]
+            } else {
+                k.iter().copied().map(Some).collect()
+            };
+            let vqa = run_kind(&run, dataset.as_deref())? == "vqa2";
+            let split = split.unwrap_or_else(|| if vqa { "val2014" } else { "val" }.into());
+            let mut rows = Vec::with_capacity(sweep.len());
+            for (i, k) in sweep.iter().enumerate() {
+                let inf = InferenceArgs {
+                    k: *k,
+                    batch,
+                    engine: engine.clone(),
+                }
+                .resolve(&device)?;
+                if i > 0 && !json {
+                    println!();
+                }
+                rows.push(if vqa {
+                    vqa_cli::cmd_eval_vqa(&device, &run, &data, &split, inf, json)?
+                } else {
+                    cmd_eval(&device, &run, &data, &split, inf, json)?
+                });
+            }
+            if rows.len() > 1 && !json {
+                print_sweep(&split, &rows);
+            }
+            Ok(())
         }
         Command::Flops {
             model,

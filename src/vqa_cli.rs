@@ -257,7 +257,7 @@ pub fn cmd_eval_vqa(
     split: &str,
     inf: Inference,
     json: bool,
-) -> Result<()> {
+) -> Result<crate::SweepRow> {
     let (cfg, r) = moevqa::train::vqa::evaluate_vqa_run(run, data, split, inf, device)?;
     let macs = vqa_macs(&cfg, r.k, cfg.image_size)?;
     let macs224 = vqa_macs(&cfg, r.k, 224)?;
@@ -277,10 +277,16 @@ pub fn cmd_eval_vqa(
             cnn_ms_per_image: r.cnn_ms_per_image,
         };
         println!("{}", serde_json::to_string(&j)?);
-        return Ok(());
+    } else {
+        print_vqa_eval(split, &r, macs, cfg.image_size);
     }
-    print_vqa_eval(split, &r, macs, cfg.image_size);
-    Ok(())
+    Ok(crate::SweepRow {
+        k: r.k,
+        cnn_macs: macs,
+        cnn_ms_per_image: r.cnn_ms_per_image,
+        accuracy: r.score.as_ref().map(|s| s.overall),
+        questions_per_s: r.questions_per_s,
+    })
 }
 
 fn print_vqa_eval(split: &str, r: &VqaEvalReport, macs: u64, size: u32) {

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_one_line_error, metric_lines, moevqa, ok};
+use common::{assert_one_line_error, metric_lines, moevqa, ok, stdout_lines};
 
 #[test]
 fn generate_train_eval_predict_answer_resume() {
@@ -51,10 +51,7 @@ fn generate_train_eval_predict_answer_resume() {
     let run = root.join("run");
     let out = ok(train(&run, "1", &["--json"]));
     // --json: this invocation's epochs on stdout, as appended to metrics.jsonl.
-    let printed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let printed = stdout_lines(&out);
     assert_eq!(printed.len(), 1);
     assert_eq!(printed[0]["epoch"], 1);
     assert_eq!(printed[0]["val"]["questions"], 40);
@@ -151,6 +148,51 @@ fn generate_train_eval_predict_answer_resume() {
     assert_one_line_error(
         &moevqa(&["eval", "--run", r, "--data", d, "--engine", "gpu"]),
         "--engine",
+    );
+    // A sweep over k: one JSON line per k, the same report as a single k
+    // gives, and fewer CNN MACs at smaller k; as text, a report per k then
+    // a table with a row per k.
+    let sweep = ok(moevqa(&[
+        "eval", "--run", r, "--data", d, "--k", "12", "--k", "3", "--json",
+    ]));
+    let lines = stdout_lines(&sweep);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (lines[0]["k"].as_u64(), lines[1]["k"].as_u64()),
+        (Some(12), Some(3))
+    );
+    for key in [
+        "accuracy",
+        "by_family",
+        "expert_usage",
+        "cnn_macs_per_image",
+    ] {
+        assert_eq!(lines[1][key], v[key], "{key}");
+    }
+    assert!(
+        lines[0]["cnn_macs_per_image"].as_u64() > lines[1]["cnn_macs_per_image"].as_u64(),
+        "{lines:?}"
+    );
+    let text = String::from_utf8(
+        ok(moevqa(&[
+            "eval", "--run", r, "--data", d, "--k", "12", "--k", "6", "--k", "3",
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    let table: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.contains("by k"))
+        .skip(2)
+        .collect();
+    let ks: Vec<&str> = table
+        .iter()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(ks, ["12", "6", "3"], "{text}");
+    assert_one_line_error(
+        &moevqa(&["eval", "--run", r, "--data", d, "--k", "0"]),
+        "--k 0",
     );
 
     // No silent overwrite; a resume extends the run.

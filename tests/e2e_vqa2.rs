@@ -8,7 +8,9 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::{assert_error_after_progress, assert_one_line_error, fresh_dir, moevqa, ok};
+use common::{
+    assert_error_after_progress, assert_one_line_error, fresh_dir, moevqa, ok, stdout_lines,
+};
 use moevqa::cnn::CnnLayout;
 
 fn train_args<'a>(data: &'a str, run: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -120,6 +122,17 @@ fn generate_train_eval_predict_score_answer() {
             .unwrap()
             .is_empty()
     );
+    // A sweep over k: a JSON line per k, k = 4 the report above.
+    let sweep = ok(moevqa(&[
+        "eval", "--run", r, "--data", d, "--k", "8", "--k", "4", "--json",
+    ]));
+    let lines = stdout_lines(&sweep);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["k"], 8);
+    for key in ["k", "accuracy", "expert_usage", "cnn_macs_per_image"] {
+        assert_eq!(lines[1][key], ev[key], "{key}");
+    }
+    assert!(lines[0]["cnn_macs_per_image"].as_u64() > lines[1]["cnn_macs_per_image"].as_u64());
 
     // predict on val + vqa-score gives eval's number.
     let val_res = root.join("val.json");

@@ -52,13 +52,21 @@ pub fn assert_error_after_progress(out: &Output, needle: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// The JSON lines of a run's `metrics.jsonl`.
-pub fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
+/// Each line of `text` parsed as JSON.
+pub fn parse_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The JSON lines a command printed on stdout.
+pub fn stdout_lines(out: &Output) -> Vec<serde_json::Value> {
+    parse_lines(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The JSON lines of a run's `metrics.jsonl`.
+pub fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
+    parse_lines(&std::fs::read_to_string(run.join("metrics.jsonl")).unwrap())
 }
 
 /// A fresh, empty directory for a test.
