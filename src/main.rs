@@ -252,6 +252,11 @@ struct TrainArgs {
     /// Epochs of learning-rate and batch-size warm-up.
     #[arg(long, default_value_t = 0)]
     warmup_epochs: usize,
+    /// Also checkpoint inside each epoch, every this many questions (0:
+    /// at epoch ends only): a killed run then resumes from the last of
+    /// them, with the same result as a run never stopped.
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
     #[arg(long, default_value_t = 256)]
     g_dim: usize,
     #[arg(long, default_value_t = 256)]
@@ -375,6 +380,7 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
                 image_size: a.image_size,
                 balance_weight: a.balance_weight,
                 warmup_epochs: a.warmup_epochs,
+                checkpoint_every: a.checkpoint_every,
                 question_dim: a.question_dim,
                 layout: a.layout,
                 embed_dim: a.embed_dim,
@@ -413,6 +419,7 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
         g_dim: a.g_dim,
         f_dim: a.f_dim,
         question_dim: a.question_dim.unwrap_or(128),
+        checkpoint_every: a.checkpoint_every,
     };
     let lines = moevqa::train::run::train(&cfg, &a.out, a.resume, device, &mut new_progress())?;
     print_json_lines(a.json, &lines)
@@ -1298,6 +1305,7 @@ fn cmd_demo(
             image_size: 64,
             balance_weight: 0.01,
             warmup_epochs: 0,
+            checkpoint_every: 0,
             g_dim: 64,
             f_dim: 64,
             question_dim: 64,

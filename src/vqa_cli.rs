@@ -168,6 +168,7 @@ pub struct VqaTrainFlags {
     pub image_size: Option<u32>,
     pub balance_weight: f64,
     pub warmup_epochs: usize,
+    pub checkpoint_every: usize,
     pub question_dim: Option<usize>,
     pub layout: Option<String>,
     pub embed_dim: usize,
@@ -208,6 +209,7 @@ impl VqaTrainFlags {
             min_answer_count: self.min_answer_count,
             glove: self.glove.clone(),
             init_cnn: self.init_cnn.clone(),
+            checkpoint_every: self.checkpoint_every,
         })
     }
 }
@@ -440,6 +442,7 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
             image_size: Some(f.image_size),
             balance_weight: 0.01,
             warmup_epochs: 0,
+            checkpoint_every: 0,
             question_dim: Some(128),
             layout: None,
             embed_dim: 64,

@@ -7,9 +7,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
 use common::{
-    assert_error_after_progress, assert_one_line_error, fresh_dir, moevqa, ok, stdout_lines,
+    assert_error_after_progress, assert_one_line_error, fresh_dir, kill_when, metric_lines, moevqa,
+    ok, saved_partial, stdout_lines,
 };
 use moevqa::cnn::CnnLayout;
 
@@ -470,5 +472,64 @@ fn import_resnext_then_train_from_it() {
     let q = args.iter().position(|a| *a == "--question-dim").unwrap();
     args[q + 1] = "24";
     assert_one_line_error(&moevqa(&args), "cnn.bin");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_vqa_run_resumes_from_a_mid_epoch_checkpoint() {
+    let root = fresh_dir("vqa2-mid");
+    let data = root.join("data");
+    let d = data.to_str().unwrap();
+    ok(moevqa(&[
+        "generate",
+        "vqa2",
+        "--out",
+        d,
+        "--train-images",
+        "8",
+        "--val-images",
+        "2",
+        "--test-images",
+        "1",
+        "--questions-per-image",
+        "4",
+        "--image-size",
+        "32",
+    ]));
+    // 32 questions an epoch in batches of 4, a checkpoint every 8.
+    let args = |run: &Path| -> Vec<String> {
+        let mut a: Vec<String> = train_args(d, run.to_str().unwrap(), &[])
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let batch = a.iter().position(|s| s == "--batch").unwrap();
+        a[batch + 1] = "4".into();
+        a.extend(["--checkpoint-every".into(), "8".into()]);
+        a
+    };
+    let killed = root.join("killed");
+    kill_when(&args(&killed), Duration::ZERO, || {
+        saved_partial(&killed).is_some()
+    });
+    let partial = saved_partial(&killed).expect("killed inside the epoch");
+    assert_eq!(partial["epoch"], 0, "{partial}");
+    let mut resume = args(&killed);
+    resume.push("--resume".into());
+    ok(moevqa(
+        &resume.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let whole = root.join("whole");
+    ok(moevqa(
+        &args(&whole).iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let (resumed, straight) = (metric_lines(&killed), metric_lines(&whole));
+    assert_eq!(resumed.len(), 1);
+    for (a, b) in resumed.iter().zip(&straight) {
+        for key in ["train_loss", "train_score"] {
+            assert_eq!(a[key], b[key], "{key}: {a} vs {b}");
+        }
+        assert_eq!(a["val"]["score"], b["val"]["score"]);
+    }
+    assert_eq!(saved_partial(&killed), None);
     std::fs::remove_dir_all(&root).unwrap();
 }

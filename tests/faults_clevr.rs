@@ -6,11 +6,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    assert_error_after_progress, assert_one_line_error, fresh_dir, metric_lines, moevqa, ok,
+    assert_error_after_progress, assert_one_line_error, fresh_dir, kill_when, metric_lines, moevqa,
+    ok, saved_partial,
 };
 
 fn generate(data: &Path, train_images: &str) {
@@ -153,25 +153,10 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_checkpoint() {
     let killed = root.join("killed");
     let k = killed.to_str().unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moevqa"))
-        .args(train_args(d, k, "3"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while saved_epoch(&killed) != Some(1) {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "run ended before it was killed"
-        );
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint");
-        std::thread::sleep(Duration::from_millis(10));
-    }
     // Into epoch 2, then SIGKILL.
-    std::thread::sleep(Duration::from_millis(150));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when(&train_args(d, k, "3"), Duration::from_millis(150), || {
+        saved_epoch(&killed) == Some(1)
+    });
     assert_eq!(
         saved_epoch(&killed),
         Some(1),
@@ -212,5 +197,63 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_checkpoint() {
         assert_eq!(a["train_loss"], b["train_loss"]);
         assert_eq!(a["val"]["accuracy"], b["val"]["accuracy"]);
     }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// [`train_args`] for 2 epochs with a checkpoint every 64 questions.
+fn mid_args(data: &str, run: &str) -> Vec<String> {
+    let mut a: Vec<String> = train_args(data, run, "2")
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(["--checkpoint-every".into(), "64".into()]);
+    a
+}
+
+#[test]
+fn a_run_killed_after_a_mid_epoch_checkpoint_resumes_from_it() {
+    let root = fresh_dir("faults-mid");
+    let data = root.join("data");
+    generate(&data, "24");
+    let d = data.to_str().unwrap();
+    let killed = root.join("killed");
+    let k = killed.to_str().unwrap();
+    // 480 questions an epoch in batches of 16, a checkpoint every 64.
+    // Stop it inside epoch 1, after its first checkpoint there.
+    kill_when(&mid_args(d, k), Duration::ZERO, || {
+        saved_partial(&killed).is_some()
+    });
+    let partial = saved_partial(&killed).expect("killed inside the epoch");
+    assert_eq!(partial["epoch"], 0, "{partial}");
+    let seen = partial["seen"].as_u64().unwrap();
+    assert!(
+        (64..480).contains(&seen) && seen.is_multiple_of(16),
+        "{partial}"
+    );
+    assert_eq!(saved_epoch(&killed), Some(0));
+
+    let mut resume = mid_args(d, k);
+    resume.push("--resume".into());
+    let resume: Vec<&str> = resume.iter().map(String::as_str).collect();
+    ok(moevqa(&resume));
+    let resumed = metric_lines(&killed);
+    assert_eq!(resumed.len(), 2);
+    // Nothing is lost or repeated: the epoch's questions and sums, and what
+    // follows, are those of a run never stopped (same flags).
+    let whole = root.join("whole");
+    let straight_args = mid_args(d, whole.to_str().unwrap());
+    let straight_args: Vec<&str> = straight_args.iter().map(String::as_str).collect();
+    ok(moevqa(&straight_args));
+    let straight = metric_lines(&whole);
+    for (a, b) in resumed.iter().zip(&straight) {
+        for key in ["train_loss", "train_accuracy"] {
+            assert_eq!(a[key], b[key], "{key}: {a} vs {b}");
+        }
+        assert_eq!(a["val"]["accuracy"], b["val"]["accuracy"]);
+        assert_eq!(a["val"]["by_family"], b["val"]["by_family"]);
+    }
+    // The end of an epoch clears the mid-epoch state.
+    assert_eq!(saved_partial(&killed), None);
+    assert_eq!(saved_epoch(&killed), Some(2));
     std::fs::remove_dir_all(&root).unwrap();
 }

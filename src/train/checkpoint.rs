@@ -89,6 +89,29 @@ pub struct TrainState {
     pub seed: u64,
     /// Free-form metrics (e.g. the last epoch's line, best accuracy).
     pub metrics: serde_json::Value,
+    /// Set by a checkpoint taken inside an epoch: how far that epoch got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<PartialEpoch>,
+}
+
+/// How far an epoch had got when a mid-epoch checkpoint was taken: enough
+/// to go on from the next batch and to report the epoch as if it had never
+/// stopped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    /// The epoch in progress (0-based: `epoch` epochs were complete).
+    pub epoch: usize,
+    /// Batches done in it.
+    pub batches: usize,
+    /// Questions done in it.
+    pub seen: usize,
+    /// Sum over its questions of the loss.
+    pub loss_sum: f64,
+    /// Sum over its questions of the training score (1 per right answer,
+    /// or the VQA soft score).
+    pub score_sum: f64,
+    /// Wall time spent on it so far.
+    pub seconds: f64,
 }
 
 /// Why a checkpoint could not be saved or loaded. Each message is one line
@@ -800,6 +823,14 @@ mod tests {
             step: 10 * epoch as u64,
             seed: 42,
             metrics: serde_json::json!({ "best_accuracy": 0.25 * epoch as f64 }),
+            partial: (epoch % 2 == 1).then_some(PartialEpoch {
+                epoch,
+                batches: 3,
+                seen: 48,
+                loss_sum: 1.5,
+                score_sum: 20.0,
+                seconds: 0.25,
+            }),
         }
     }
 

@@ -25,6 +25,8 @@ use crate::models::{GatedVqaModel, RelationNetwork, RelationNetworkConfig, RnOut
 use crate::moe::BalanceLossConfig;
 use crate::text::{PAD, Vocab};
 use crate::train::TrainError;
+use crate::train::checkpoint::PartialEpoch;
+use crate::train::run::MidEpochSchedule;
 
 /// A question ready for batching.
 #[derive(Debug, Clone)]
@@ -291,7 +293,28 @@ pub struct EpochSettings {
     pub epoch: usize,
 }
 
-/// One epoch of training over `items` (shuffled by seed and epoch).
+/// A checkpoint writer for inside an epoch: the model, the optimizer and
+/// the epoch so far.
+pub type SaveMidEpoch<'a> = &'a mut dyn FnMut(
+    &RelationNetwork,
+    &burn::optim::ModuleOptimizer,
+    &PartialEpoch,
+) -> Result<(), TrainError>;
+
+/// Where [`train_epoch`] starts, and its checkpoints inside the epoch.
+#[derive(Default)]
+pub struct MidEpoch<'a> {
+    /// The epoch so far, when a run resumes from a checkpoint taken in it
+    /// (its batches are skipped, its sums carried on).
+    pub resume: Option<PartialEpoch>,
+    /// Questions between checkpoints ([`MidEpochSchedule`]); none without
+    /// `save`.
+    pub every: usize,
+    pub save: Option<SaveMidEpoch<'a>>,
+}
+
+/// One epoch of training over `items` (shuffled by seed and epoch), from
+/// `mid.resume` on, with `mid`'s checkpoints inside it.
 /// `on_batch(done, total, loss, acc)` reports progress.
 pub fn train_epoch(
     model: RelationNetwork,
@@ -299,6 +322,7 @@ pub fn train_epoch(
     items: &[Encoded],
     s: &EpochSettings,
     device: &Device,
+    mut mid: MidEpoch<'_>,
     mut on_batch: impl FnMut(usize, usize, f64, f64),
 ) -> Result<(RelationNetwork, EpochStats), TrainError> {
     let mut order: Vec<usize> = (0..items.len())
@@ -308,9 +332,12 @@ pub fn train_epoch(
         ChaCha8Rng::seed_from_u64(s.seed.wrapping_mul(1_000_003).wrapping_add(s.epoch as u64));
     order.shuffle(&mut rng);
     let t0 = Instant::now();
-    let (mut model, mut loss_sum, mut right, mut seen) = (model, 0.0f64, 0usize, 0usize);
+    let from = mid.resume.take().unwrap_or_default();
+    let (mut model, mut loss_sum, mut right, mut seen) =
+        (model, from.loss_sum, from.score_sum, from.seen);
     let total = order.len();
-    for (step, chunk) in order.chunks(s.batch.max(1)).enumerate() {
+    let mut schedule = MidEpochSchedule::new(if mid.save.is_some() { mid.every } else { 0 }, seen);
+    for (step, chunk) in order.chunks(s.batch.max(1)).enumerate().skip(from.batches) {
         let refs: Vec<&Encoded> = chunk.iter().map(|&i| &items[i]).collect();
         let b = make_batch(&refs, s.image_size, device)?;
         let n = refs.len();
@@ -330,7 +357,7 @@ pub fn train_epoch(
             .iter()
             .zip(&b.answers)
             .filter(|(p, a)| **p as i64 == **a)
-            .count();
+            .count() as f64;
         seen += n;
         loss_sum += value * n as f64;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -339,10 +366,26 @@ pub fn train_epoch(
             seen,
             total,
             loss_sum / seen as f64,
-            100.0 * right as f64 / seen as f64,
+            100.0 * right / seen as f64,
         );
+        if schedule.due(seen, total)
+            && let Some(save) = mid.save.as_mut()
+        {
+            save(
+                &model,
+                optim,
+                &PartialEpoch {
+                    epoch: s.epoch,
+                    batches: step + 1,
+                    seen,
+                    loss_sum,
+                    score_sum: right,
+                    seconds: from.seconds + t0.elapsed().as_secs_f64(),
+                },
+            )?;
+        }
     }
-    let seconds = t0.elapsed().as_secs_f64();
+    let seconds = from.seconds + t0.elapsed().as_secs_f64();
     Ok((
         model,
         EpochStats {
@@ -352,7 +395,7 @@ pub fn train_epoch(
                 0.0
             },
             accuracy: if seen > 0 {
-                100.0 * right as f64 / seen as f64
+                100.0 * right / seen as f64
             } else {
                 0.0
             },
@@ -466,8 +509,16 @@ mod tests {
                 seed: 1,
                 epoch,
             };
-            let (m, stats) =
-                train_epoch(model, &mut optim, &items, &s, &ad, |_, _, _, _| {}).unwrap();
+            let (m, stats) = train_epoch(
+                model,
+                &mut optim,
+                &items,
+                &s,
+                &ad,
+                MidEpoch::default(),
+                |_, _, _, _| {},
+            )
+            .unwrap();
             model = m;
             assert_eq!(stats.questions, 480);
             losses.push(stats.loss);

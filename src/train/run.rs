@@ -17,10 +17,12 @@ use crate::models::RelationNetworkConfig;
 use crate::models::relation_network::DeadUnits;
 use crate::models::{GatedVqaModel, RelationNetwork};
 use crate::moe::BalanceLossConfig;
-use crate::train::checkpoint::{TrainState, has_checkpoint, load_checkpoint, save_checkpoint};
+use crate::train::checkpoint::{
+    PartialEpoch, TrainState, has_checkpoint, load_checkpoint, save_checkpoint,
+};
 use crate::train::clevr::{
-    Encoded, EpochSettings, EvalReport, RunVocab, adam, build_model, encode_split, evaluate,
-    make_batch, probe_dead_units, train_epoch,
+    Encoded, EpochSettings, EvalReport, MidEpoch, RunVocab, adam, build_model, encode_split,
+    evaluate, make_batch, probe_dead_units, train_epoch,
 };
 use crate::train::{Inference, TrainError};
 use burn::module::Module;
@@ -43,6 +45,9 @@ pub struct RunConfig {
     pub g_dim: usize,
     pub f_dim: usize,
     pub question_dim: usize,
+    /// Questions between checkpoints inside an epoch (0: at epoch ends only).
+    #[serde(default)]
+    pub checkpoint_every: usize,
 }
 
 impl RunConfig {
@@ -198,15 +203,22 @@ pub fn train(
     let ad = device.clone().autodiff();
     let mut model = build_model(&vocab, cfg.model(), &ad)?;
     let mut optim = adam();
-    let mut start = 0;
+    let mut state = TrainState::default();
     if resuming {
-        (model, optim, start) = resume_from(&paths, model, optim, &ad)?;
+        (model, optim, state) = resume_from(&paths, model, optim, &ad)?;
     }
+    // The last complete epoch's line, kept in mid-epoch checkpoints.
+    let mut last_line = state.metrics.clone();
+    let mut partial = state.partial.take();
     let mut lines = Vec::new();
-    for epoch in start..cfg.epochs {
-        // Reseed per epoch so a resumed run draws the same dropout masks as
-        // an uninterrupted one.
-        device.seed(epoch_seed(cfg.seed, epoch));
+    for epoch in state.epoch..cfg.epochs {
+        // Reseed per epoch (and from a mid-epoch checkpoint, as it did) so a
+        // resumed run draws the same dropout masks as an uninterrupted one.
+        let resume = partial.take().filter(|p| p.epoch == epoch);
+        device.seed(match &resume {
+            Some(p) => mid_seed(cfg.seed, epoch, p.seen),
+            None => epoch_seed(cfg.seed, epoch),
+        });
         let (lr, batch) = cfg.schedule(epoch);
         let settings = EpochSettings {
             k: cfg.k,
@@ -222,12 +234,21 @@ pub fn train(
             cfg.epochs,
             items.iter().filter(|e| e.answer.is_some()).count(),
         );
+        let mut save = |m: &RelationNetwork, o: &burn::optim::ModuleOptimizer, p: &PartialEpoch| {
+            save_mid_epoch(&paths, m, o, cfg.seed, &last_line, p, device)
+        };
+        let mid = MidEpoch {
+            resume,
+            every: cfg.checkpoint_every,
+            save: Some(&mut save),
+        };
         let (m, stats) = train_epoch(
             model,
             &mut optim,
             &items,
             &settings,
             &ad,
+            mid,
             |done, _, loss, acc| progress.batch(done, loss, acc),
         )?;
         model = m;
@@ -253,6 +274,7 @@ pub fn train(
             val,
         };
         record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
+        last_line = serde_json::to_value(&line).unwrap_or_default();
         progress.end_epoch(&EpochSummary {
             epoch: line.epoch,
             train_loss: line.train_loss,
@@ -333,6 +355,7 @@ pub fn record_epoch<M: Module + std::fmt::Display>(
         step: 0,
         seed,
         metrics: serde_json::to_value(line).unwrap_or_default(),
+        partial: None,
     };
     save_checkpoint(&paths.checkpoint, model, optim, &state)
         .map_err(|e| TrainError::Io(e.to_string()))?;
@@ -340,17 +363,82 @@ pub fn record_epoch<M: Module + std::fmt::Display>(
 }
 
 /// Loads the run's checkpoint into `model` and `optim` and trims the
-/// metrics to it; returns them with the number of completed epochs.
+/// metrics to it; returns them with the saved state (completed epochs, and
+/// how far the next one got if the checkpoint was taken inside it).
 pub fn resume_from<M: Module + std::fmt::Display>(
     paths: &RunPaths,
     model: M,
     optim: burn::optim::ModuleOptimizer,
     device: &Device,
-) -> Result<(M, burn::optim::ModuleOptimizer, usize), TrainError> {
+) -> Result<(M, burn::optim::ModuleOptimizer, TrainState), TrainError> {
     let (m, o, state) = load_checkpoint(&paths.checkpoint, model, optim, device)
         .map_err(|e| TrainError::Io(e.to_string()))?;
     rewrite_metrics(&paths.metrics, &state)?;
-    Ok((m, o, state.epoch))
+    Ok((m, o, state))
+}
+
+/// When to take checkpoints inside an epoch: after the batch that reaches
+/// each multiple of `every` questions (0: never), except the epoch's last
+/// (the end-of-epoch checkpoint follows it).
+#[derive(Debug, Clone, Copy)]
+pub struct MidEpochSchedule {
+    every: usize,
+    next: usize,
+}
+
+impl MidEpochSchedule {
+    /// The schedule of an epoch that starts at `seen` questions done.
+    pub fn new(every: usize, seen: usize) -> Self {
+        MidEpochSchedule {
+            every,
+            next: seen
+                .checked_div(every)
+                .map_or(usize::MAX, |q| (q + 1) * every),
+        }
+    }
+
+    /// Whether to checkpoint now, `seen` of `total` questions done.
+    pub fn due(&mut self, seen: usize, total: usize) -> bool {
+        if seen < self.next || seen >= total {
+            return false;
+        }
+        self.next = (seen / self.every + 1) * self.every;
+        true
+    }
+}
+
+/// A checkpoint inside an epoch: the model and optimizer as they are, the
+/// last complete epoch's metrics line (`last_line`, kept for a resume),
+/// and how far the epoch got. Then the device is reseeded from that point
+/// ([`mid_seed`]), as a resumed run reseeds it: the dropout masks after a
+/// checkpoint are the same whether or not the run was stopped there.
+#[allow(clippy::too_many_arguments)]
+pub fn save_mid_epoch<M: Module + std::fmt::Display>(
+    paths: &RunPaths,
+    model: &M,
+    optim: &burn::optim::ModuleOptimizer,
+    seed: u64,
+    last_line: &serde_json::Value,
+    partial: &PartialEpoch,
+    device: &Device,
+) -> Result<(), TrainError> {
+    let state = TrainState {
+        epoch: partial.epoch,
+        step: 0,
+        seed,
+        metrics: last_line.clone(),
+        partial: Some(partial.clone()),
+    };
+    save_checkpoint(&paths.checkpoint, model, optim, &state)
+        .map_err(|e| TrainError::Io(e.to_string()))?;
+    device.seed(mid_seed(seed, partial.epoch, partial.seen));
+    Ok(())
+}
+
+/// The RNG seed from a mid-epoch checkpoint on: `seen` questions into
+/// `epoch`.
+pub fn mid_seed(seed: u64, epoch: usize, seen: usize) -> u64 {
+    epoch_seed(seed, epoch) ^ (seen as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
 /// Appends one JSON line to `metrics.jsonl`.
@@ -572,6 +660,30 @@ pub fn chosen_experts(gates: &[crate::moe::Gates]) -> Result<Vec<Vec<(usize, f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mid_epoch_checkpoints_fall_after_each_multiple() {
+        // Every 100 questions of 450, in batches of 64: after the batches
+        // that reach 128, 256, 320 and 448 questions; not at 450, the
+        // epoch's end.
+        let due = |every: usize, from: usize| -> Vec<usize> {
+            let mut s = MidEpochSchedule::new(every, from);
+            (1..=8)
+                .map(|b| (b * 64).min(450))
+                .filter(|&seen| seen > from && s.due(seen, 450))
+                .collect()
+        };
+        assert_eq!(due(100, 0), [128, 256, 320, 448]);
+        // Resumed after the checkpoint at 128: the same ones after it.
+        assert_eq!(due(100, 128), [256, 320, 448]);
+        assert_eq!(due(0, 0), Vec::<usize>::new());
+        // More than the epoch: none.
+        assert_eq!(due(1000, 0), Vec::<usize>::new());
+        // Different points reseed differently, and apart from the epoch's.
+        assert_ne!(mid_seed(1, 0, 128), mid_seed(1, 0, 256));
+        assert_ne!(mid_seed(1, 0, 128), mid_seed(1, 1, 128));
+        assert_ne!(mid_seed(1, 0, 128), epoch_seed(1, 0));
+    }
 
     #[test]
     fn train_warns_when_g_dies() {

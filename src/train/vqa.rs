@@ -31,10 +31,11 @@ use crate::models::GatedVqaModel;
 use crate::models::butd::{Butd, ButdConfig, soft_bce};
 use crate::moe::BalanceLossConfig;
 use crate::text::{PAD, Vocab};
-use crate::train::checkpoint::{has_checkpoint, load_checkpoint};
+use crate::train::checkpoint::{PartialEpoch, TrainState, has_checkpoint, load_checkpoint};
 use crate::train::clevr::{adam, argmax_rows};
 use crate::train::run::{
-    EpochSummary, Progress, RunPaths, epoch_seed, io_err, open_run_dir, record_epoch, resume_from,
+    EpochSummary, MidEpochSchedule, Progress, RunPaths, epoch_seed, io_err, mid_seed, open_run_dir,
+    record_epoch, resume_from, save_mid_epoch,
 };
 use crate::train::{Inference, TrainError};
 
@@ -69,6 +70,9 @@ pub struct VqaRunConfig {
     pub glove: Option<PathBuf>,
     /// CNN weights file (`moevqa import-resnext`) the CNN starts from.
     pub init_cnn: Option<PathBuf>,
+    /// Questions between checkpoints inside an epoch (0: at epoch ends only).
+    #[serde(default)]
+    pub checkpoint_every: usize,
 }
 
 impl VqaRunConfig {
@@ -443,15 +447,25 @@ pub fn train_vqa(
         }
     }
     let mut optim = adam();
-    let mut start = 0;
+    let mut state = TrainState::default();
     if resuming {
-        (model, optim, start) = resume_from(&paths, model, optim, &ad)?;
+        (model, optim, state) = resume_from(&paths, model, optim, &ad)?;
     }
     let num_answers = answers.len().max(1);
     let balance = BalanceLossConfig::new().with_weight(cfg.balance_weight);
+    // The last complete epoch's line, kept in mid-epoch checkpoints.
+    let mut last_line = state.metrics.clone();
+    let mut partial = state.partial.take();
     let mut lines = Vec::new();
-    for epoch in start..cfg.epochs {
-        device.seed(epoch_seed(cfg.seed, epoch));
+    for epoch in state.epoch..cfg.epochs {
+        // As the CLEVR trainer: the epoch's seed, or the one a mid-epoch
+        // checkpoint reseeded from.
+        let from = partial.take().filter(|p| p.epoch == epoch);
+        device.seed(match &from {
+            Some(p) => mid_seed(cfg.seed, epoch, p.seen),
+            None => epoch_seed(cfg.seed, epoch),
+        });
+        let from = from.unwrap_or_default();
         let (lr, batch) = cfg.schedule(epoch);
         let mut order: Vec<usize> = (0..items.len())
             .filter(|&i| !items[i].targets.is_empty() || train_split.has_annotations())
@@ -460,8 +474,9 @@ pub fn train_vqa(
         order.shuffle(&mut rng);
         progress.start_epoch(epoch, cfg.epochs, order.len());
         let t0 = Instant::now();
-        let (mut loss_sum, mut score_sum, mut seen) = (0.0f64, 0.0f64, 0usize);
-        for (step, chunk) in order.chunks(batch.max(1)).enumerate() {
+        let (mut loss_sum, mut score_sum, mut seen) = (from.loss_sum, from.score_sum, from.seen);
+        let mut schedule = MidEpochSchedule::new(cfg.checkpoint_every, seen);
+        for (step, chunk) in order.chunks(batch.max(1)).enumerate().skip(from.batches) {
             let refs: Vec<&VqaItem> = chunk.iter().map(|&i| &items[i]).collect();
             let b = make_vqa_batch(&refs, num_answers, cfg.image_size, &ad)?;
             let out = model.forward(b.images, b.tokens, &b.lengths, cfg.k, Execution::Dense)?;
@@ -491,8 +506,19 @@ pub fn train_vqa(
                 loss_sum / seen as f64,
                 100.0 * score_sum / seen as f64,
             );
+            if schedule.due(seen, order.len()) {
+                let p = PartialEpoch {
+                    epoch,
+                    batches: step + 1,
+                    seen,
+                    loss_sum,
+                    score_sum,
+                    seconds: from.seconds + t0.elapsed().as_secs_f64(),
+                };
+                save_mid_epoch(&paths, &model, &optim, cfg.seed, &last_line, &p, device)?;
+            }
         }
-        let seconds = t0.elapsed().as_secs_f64();
+        let seconds = from.seconds + t0.elapsed().as_secs_f64();
         let val = match &val_items {
             Some(v) => Some(evaluate_vqa(
                 &model.valid(),
@@ -521,6 +547,7 @@ pub fn train_vqa(
             val,
         };
         record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
+        last_line = serde_json::to_value(&line).unwrap_or_default();
         progress.end_epoch(&EpochSummary {
             epoch: line.epoch,
             train_loss: line.train_loss,

@@ -3,7 +3,8 @@
 #![allow(dead_code)] // each test binary uses a subset
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Runs the built `moevqa` binary with `args`.
 pub fn moevqa(args: &[&str]) -> Output {
@@ -74,4 +75,35 @@ pub fn fresh_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("moevqa-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
+}
+
+/// Runs moevqa with `args` until `ready` holds (checked every 2 ms; the
+/// run must not end first), waits `after`, then kills it (SIGKILL).
+pub fn kill_when<S: AsRef<std::ffi::OsStr>>(args: &[S], after: Duration, ready: impl Fn() -> bool) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moevqa"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ready() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before it was killed"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(after);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// The `partial` of a run's checkpoint state (set by a checkpoint taken
+/// inside an epoch), if any.
+pub fn saved_partial(run: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("checkpoint/state.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("partial").filter(|p| !p.is_null()).cloned()
 }
