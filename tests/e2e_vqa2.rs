@@ -45,6 +45,26 @@ fn train_args<'a>(data: &'a str, run: &'a str, extra: &[&'a str]) -> Vec<&'a str
     v
 }
 
+/// A small generated VQA-v2-layout set at 32x32, 4 questions an image.
+fn generate_small(data: &str, train: &str, val: &str, test: &str) {
+    ok(moevqa(&[
+        "generate",
+        "vqa2",
+        "--out",
+        data,
+        "--train-images",
+        train,
+        "--val-images",
+        val,
+        "--test-images",
+        test,
+        "--questions-per-image",
+        "4",
+        "--image-size",
+        "32",
+    ]));
+}
+
 fn json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
@@ -54,22 +74,7 @@ fn generate_train_eval_predict_score_answer() {
     let root = fresh_dir("e2e-vqa2");
     let data = root.join("data");
     let d = data.to_str().unwrap();
-    ok(moevqa(&[
-        "generate",
-        "vqa2",
-        "--out",
-        d,
-        "--train-images",
-        "6",
-        "--val-images",
-        "3",
-        "--test-images",
-        "2",
-        "--questions-per-image",
-        "4",
-        "--image-size",
-        "32",
-    ]));
+    generate_small(d, "6", "3", "2");
     let run = root.join("run");
     let r = run.to_str().unwrap();
     let out = ok(moevqa(&train_args(d, r, &["--json"])));
@@ -480,22 +485,7 @@ fn a_vqa_run_resumes_from_a_mid_epoch_checkpoint() {
     let root = fresh_dir("vqa2-mid");
     let data = root.join("data");
     let d = data.to_str().unwrap();
-    ok(moevqa(&[
-        "generate",
-        "vqa2",
-        "--out",
-        d,
-        "--train-images",
-        "8",
-        "--val-images",
-        "2",
-        "--test-images",
-        "1",
-        "--questions-per-image",
-        "4",
-        "--image-size",
-        "32",
-    ]));
+    generate_small(d, "8", "2", "1");
     // 32 questions an epoch in batches of 4, a checkpoint every 8.
     let args = |run: &Path| -> Vec<String> {
         let mut a: Vec<String> = train_args(d, run.to_str().unwrap(), &[])
