@@ -299,11 +299,13 @@ struct BarProgress {
     /// Without a terminal the bar is hidden: print a plain line every tenth of an epoch instead.
     started: std::time::Instant,
     total: usize,
+    /// Questions done when the epoch (or its resumed part) started.
+    start_done: usize,
     next_line: usize,
 }
 
 impl moevqa::train::run::Progress for BarProgress {
-    fn start_epoch(&mut self, epoch: usize, epochs: usize, total: usize) {
+    fn start_epoch(&mut self, epoch: usize, epochs: usize, total: usize, done: usize) {
         let bar = indicatif::ProgressBar::new(total as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -313,9 +315,14 @@ impl moevqa::train::run::Progress for BarProgress {
             .progress_chars("=> "),
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+        // A resumed epoch starts part-way: its rate and ETA count from here.
+        bar.set_position(done as u64);
+        bar.reset_eta();
         self.started = std::time::Instant::now();
         self.total = total;
-        self.next_line = total / 10;
+        self.start_done = done;
+        let tenth = (total / 10).max(1);
+        self.next_line = (done / tenth + 1) * tenth;
         self.bar = Some(bar);
     }
     fn batch(&mut self, done: usize, loss: f64, accuracy: f64) {
@@ -323,11 +330,12 @@ impl moevqa::train::run::Progress for BarProgress {
             b.set_position(done as u64);
             b.set_message(format!("loss {loss:.4} acc {accuracy:.1}%"));
             if b.is_hidden() && done >= self.next_line && done < self.total {
-                let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+                let rate = done.saturating_sub(self.start_done) as f64
+                    / self.started.elapsed().as_secs_f64().max(1e-9);
                 eprintln!(
                     "  {done}/{} questions, loss {loss:.4}, acc {accuracy:.1}%, {rate:.0} questions/s, ETA {:.0} s",
                     self.total,
-                    (self.total - done) as f64 / rate
+                    (self.total - done) as f64 / rate.max(1e-9)
                 );
                 self.next_line += (self.total / 10).max(1);
             }
@@ -360,6 +368,7 @@ fn new_progress() -> BarProgress {
         bar: None,
         started: std::time::Instant::now(),
         total: 0,
+        start_done: 0,
         next_line: 0,
     }
 }
@@ -1238,6 +1247,7 @@ struct DemoRow {
     relational: f64,
     non_relational: f64,
     images_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     cnn_ms_per_image: Option<f64>,
 }
 

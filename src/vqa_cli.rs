@@ -373,6 +373,7 @@ struct VqaDemoRow {
     accuracy: f64,
     per_answer_type: std::collections::BTreeMap<String, f64>,
     images_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     cnn_ms_per_image: Option<f64>,
 }
 

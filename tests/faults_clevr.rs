@@ -114,7 +114,10 @@ fn broken_dataset_files_are_named() {
     // a config.json edited under a checkpoint.
     let mut other = train_args(d, r, "2");
     other.extend(["--k", "6", "--resume"]);
-    assert_one_line_error(&moevqa(&other), "other settings");
+    assert_one_line_error(
+        &moevqa(&other),
+        "other settings than given now: --k (saved 12, given 6)",
+    );
     let cfg_path = run.join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();

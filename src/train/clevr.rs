@@ -26,7 +26,7 @@ use crate::moe::BalanceLossConfig;
 use crate::text::{PAD, Vocab};
 use crate::train::TrainError;
 use crate::train::checkpoint::PartialEpoch;
-use crate::train::run::MidEpochSchedule;
+use crate::train::run::{MidEpochSchedule, check_resumed_epoch};
 
 /// A question ready for batching.
 #[derive(Debug, Clone)]
@@ -333,6 +333,7 @@ pub fn train_epoch(
     order.shuffle(&mut rng);
     let t0 = Instant::now();
     let from = mid.resume.take().unwrap_or_default();
+    check_resumed_epoch(&from, &order, s.batch)?;
     let (mut model, mut loss_sum, mut right, mut seen) =
         (model, from.loss_sum, from.score_sum, from.seen);
     let total = order.len();

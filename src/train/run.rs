@@ -157,8 +157,9 @@ pub fn load_config(path: &Path) -> Result<RunConfig, TrainError> {
 
 /// Progress callbacks of [`train`].
 pub trait Progress {
-    /// Start of an epoch of `total` questions.
-    fn start_epoch(&mut self, epoch: usize, epochs: usize, total: usize);
+    /// Start of an epoch of `total` questions, `done` of them already
+    /// (a run resumed from a checkpoint inside the epoch).
+    fn start_epoch(&mut self, epoch: usize, epochs: usize, total: usize, done: usize);
     /// After a batch.
     fn batch(&mut self, done: usize, loss: f64, accuracy: f64);
     /// End of an epoch.
@@ -178,10 +179,11 @@ pub fn train(
     let paths = RunPaths::new(out);
     // Everything but the number of epochs must match (a resume may extend a run).
     let resuming = open_run_dir(&paths, resume, |saved: RunConfig| {
-        RunConfig {
+        let given = RunConfig {
             epochs: saved.epochs,
             ..cfg.clone()
-        } == saved
+        };
+        settings_diff(&saved, &given)
     })?;
     let train_split = ClevrSplit::open(&cfg.data, "train")?;
     let val_split = ClevrSplit::open(&cfg.data, "val").ok();
@@ -233,6 +235,7 @@ pub fn train(
             epoch,
             cfg.epochs,
             items.iter().filter(|e| e.answer.is_some()).count(),
+            resume.as_ref().map_or(0, |p| p.seen),
         );
         let mut save = |m: &RelationNetwork, o: &burn::optim::ModuleOptimizer, p: &PartialEpoch| {
             save_mid_epoch(&paths, m, o, cfg.seed, &last_line, p, device)
@@ -309,13 +312,31 @@ pub fn dead_g_warning(dead: &DeadUnits, lr: f64) -> Option<String> {
     })
 }
 
+/// The settings that differ between two configs, as `--flag (saved X,
+/// given Y)` (each field of a run's config is the flag of that name).
+pub fn settings_diff<T: Serialize>(saved: &T, given: &T) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(saved), serde_json::to_value(given))
+    else {
+        return vec!["(unreadable settings)".into()];
+    };
+    a.iter()
+        .filter(|(key, value)| b.get(*key) != Some(*value))
+        .map(|(key, value)| {
+            let now = b.get(key).map_or("none".to_string(), |v| v.to_string());
+            format!("--{} (saved {value}, given {now})", key.replace('_', "-"))
+        })
+        .collect()
+}
+
 /// Creates the run directory and checks it: a run already there needs
-/// `resume`, and a resumed run's saved config must pass `same` (given the
-/// saved config). Returns whether a checkpoint is resumed.
+/// `resume`, and a resumed run's saved config must give no difference
+/// under `differs` (given the saved config: the settings that differ,
+/// [`settings_diff`]). Returns whether a checkpoint is resumed.
 pub fn open_run_dir<C: serde::de::DeserializeOwned>(
     paths: &RunPaths,
     resume: bool,
-    same: impl FnOnce(C) -> bool,
+    differs: impl FnOnce(C) -> Vec<String>,
 ) -> Result<bool, TrainError> {
     let out = &paths.root;
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
@@ -330,10 +351,12 @@ pub fn open_run_dir<C: serde::de::DeserializeOwned>(
         let text = std::fs::read_to_string(&paths.config).map_err(|e| io_err(&paths.config, e))?;
         let saved: C = serde_json::from_str(&text)
             .map_err(|e| io_err(&paths.config, format!("not a run config of this kind: {e}")))?;
-        if !same(saved) {
+        let diff = differs(saved);
+        if !diff.is_empty() {
             return Err(TrainError::Input(format!(
-                "{}: saved with other settings than given now; resume with the same flags",
-                paths.config.display()
+                "{}: saved with other settings than given now: {}; resume with the same flags",
+                paths.config.display(),
+                diff.join(", ")
             )));
         }
     }
@@ -433,6 +456,31 @@ pub fn save_mid_epoch<M: Module + std::fmt::Display>(
         .map_err(|e| TrainError::Io(e.to_string()))?;
     device.seed(mid_seed(seed, partial.epoch, partial.seen));
     Ok(())
+}
+
+/// Checks that the epoch a checkpoint stopped in (`partial`) still
+/// splits into the same batches: its first `partial.batches` batches of
+/// `order` must hold the `partial.seen` questions it had done.
+pub fn check_resumed_epoch(
+    partial: &PartialEpoch,
+    order: &[usize],
+    batch: usize,
+) -> Result<(), TrainError> {
+    let done: usize = order
+        .chunks(batch.max(1))
+        .take(partial.batches)
+        .map(<[usize]>::len)
+        .sum();
+    if done == partial.seen {
+        return Ok(());
+    }
+    Err(TrainError::Input(format!(
+        "checkpoint: epoch {} stopped after {} questions in {} batches, but the training split \
+         now gives {done} there: the data changed since; train the run again",
+        partial.epoch + 1,
+        partial.seen,
+        partial.batches
+    )))
 }
 
 /// The RNG seed from a mid-epoch checkpoint on: `seen` questions into
@@ -660,6 +708,43 @@ pub fn chosen_experts(gates: &[crate::moe::Gates]) -> Result<Vec<Vec<(usize, f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_epoch_must_split_as_it_did() {
+        let order: Vec<usize> = (0..50).collect();
+        let at = |batches: usize, seen: usize| PartialEpoch {
+            epoch: 2,
+            batches,
+            seen,
+            ..PartialEpoch::default()
+        };
+        assert!(check_resumed_epoch(&at(3, 48), &order, 16).is_ok());
+        assert!(check_resumed_epoch(&at(0, 0), &order, 16).is_ok());
+        // The last batch is short: 3 batches of 16 and 2.
+        assert!(check_resumed_epoch(&at(4, 50), &order, 16).is_ok());
+        let err = check_resumed_epoch(&at(4, 64), &order, 16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("epoch 3 stopped after 64 questions in 4 batches")
+                && err.contains("gives 50"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn settings_diff_names_what_changed() {
+        let a = serde_json::json!({"k": 12, "lr": 0.00025, "data": "d", "g_dim": 8});
+        let b = serde_json::json!({"k": 6, "lr": 0.00025, "data": "e", "g_dim": 8});
+        assert_eq!(
+            settings_diff(&a, &b),
+            [
+                "--data (saved \"d\", given \"e\")",
+                "--k (saved 12, given 6)"
+            ]
+        );
+        assert!(settings_diff(&a, &a).is_empty());
+    }
 
     #[test]
     fn mid_epoch_checkpoints_fall_after_each_multiple() {

@@ -34,8 +34,8 @@ use crate::text::{PAD, Vocab};
 use crate::train::checkpoint::{PartialEpoch, TrainState, has_checkpoint, load_checkpoint};
 use crate::train::clevr::{adam, argmax_rows};
 use crate::train::run::{
-    EpochSummary, MidEpochSchedule, Progress, RunPaths, epoch_seed, io_err, mid_seed, open_run_dir,
-    record_epoch, resume_from, save_mid_epoch,
+    EpochSummary, MidEpochSchedule, Progress, RunPaths, check_resumed_epoch, epoch_seed, io_err,
+    mid_seed, open_run_dir, record_epoch, resume_from, save_mid_epoch, settings_diff,
 };
 use crate::train::{Inference, TrainError};
 
@@ -389,10 +389,11 @@ pub fn train_vqa(
     cfg.validate()?;
     let paths = RunPaths::new(out);
     let resuming = open_run_dir(&paths, resume, |saved: VqaRunConfig| {
-        VqaRunConfig {
+        let given = VqaRunConfig {
             epochs: saved.epochs,
             ..cfg.clone()
-        } == saved
+        };
+        settings_diff(&saved, &given)
     })?;
     let train_split = Vqa2Split::open(&cfg.data, &cfg.train_split)?;
     let val_split = Vqa2Split::open(&cfg.data, &cfg.val_split).ok();
@@ -472,7 +473,8 @@ pub fn train_vqa(
             .collect();
         let mut rng = ChaCha8Rng::seed_from_u64(epoch_seed(cfg.seed, epoch));
         order.shuffle(&mut rng);
-        progress.start_epoch(epoch, cfg.epochs, order.len());
+        check_resumed_epoch(&from, &order, batch)?;
+        progress.start_epoch(epoch, cfg.epochs, order.len(), from.seen);
         let t0 = Instant::now();
         let (mut loss_sum, mut score_sum, mut seen) = (from.loss_sum, from.score_sum, from.seen);
         let mut schedule = MidEpochSchedule::new(cfg.checkpoint_every, seen);

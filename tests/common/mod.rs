@@ -101,9 +101,12 @@ pub fn kill_when<S: AsRef<std::ffi::OsStr>>(args: &[S], after: Duration, ready: 
 }
 
 /// The `partial` of a run's checkpoint state (set by a checkpoint taken
-/// inside an epoch), if any.
+/// inside an epoch), if any; from `checkpoint.old` when a save was
+/// stopped between its two renames (as `--resume` reads it then).
 pub fn saved_partial(run: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(run.join("checkpoint/state.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let state = ["checkpoint/state.json", "checkpoint.old/state.json"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(run.join(f)).ok())?;
+    let v: serde_json::Value = serde_json::from_str(&state).ok()?;
     v.get("partial").filter(|p| !p.is_null()).cloned()
 }
