@@ -1387,7 +1387,7 @@ fn cmd_demo(
         "majority answer", "-", "-", report.majority_baseline, report.majority_answer
     );
     println!(
-        "CNN us/img: measured wall time of the CNN alone per image during that evaluation (sparse at k, fast CPU path, batches of 64). images/s: the whole evaluation, questions answered per second, one image each, images decoded included, model loading excluded. Per-type accuracies are means over the three question types of each kind."
+        "CNN us/img: measured wall time of the CNN alone per image during that evaluation (sparse at k with its gate controllers, whose MACs the CNN MACs column leaves out; fast CPU path, batches of 64). images/s: the whole evaluation, questions answered per second, one image each, images decoded included, model loading excluded. Per-type accuracies are means over the three question types of each kind."
     );
     Ok(())
 }

@@ -520,7 +520,7 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
         );
     }
     println!(
-        "CNN ms/img: measured wall time of the CNN alone per image during that evaluation (sparse at k, at the input size, fast CPU path). VQA accuracy: the official metric (moevqa vqa-score). Real VQA v2 numbers need the real data (and a GPU); these rows show the path end to end and the cost of each k."
+        "CNN ms/img: measured wall time of the CNN alone per image during that evaluation (sparse at k with its gate controllers, at the input size, fast CPU path). VQA accuracy: the official metric (moevqa vqa-score). Real VQA v2 numbers need the real data (and a GPU); these rows show the path end to end and the cost of each k."
     );
     Ok(())
 }
