@@ -507,7 +507,9 @@ pub(crate) struct SweepRow {
 /// The summary of an `eval` sweep over k: one row per k.
 fn print_sweep(split: &str, rows: &[SweepRow]) {
     println!();
-    println!("{split}, by k (sparse; CNN time measured during each evaluation):");
+    println!(
+        "{split}, by k (sparse; CNN time measured during each evaluation, gate controllers included, their MACs not in CNN MACs):"
+    );
     println!(
         "{:>4} {:>12} {:>12} {:>10} {:>12}",
         "k", "CNN MACs", "CNN ms/img", "accuracy", "questions/s"
