@@ -341,6 +341,21 @@ impl moevqa::train::run::Progress for BarProgress {
             }
         }
     }
+    fn resumed(
+        &mut self,
+        epochs: usize,
+        partial: Option<&moevqa::train::checkpoint::PartialEpoch>,
+    ) {
+        match partial {
+            Some(p) => eprintln!(
+                "resuming after epoch {epochs} and {} questions ({} batches) of epoch {}",
+                p.seen,
+                p.batches,
+                p.epoch + 1
+            ),
+            None => eprintln!("resuming after epoch {epochs}"),
+        }
+    }
     fn end_epoch(&mut self, line: &moevqa::train::run::EpochSummary) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();

@@ -168,7 +168,9 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_checkpoint() {
 
     let mut resume = train_args(d, k, "3");
     resume.push("--resume");
-    ok(moevqa(&resume));
+    let out = ok(moevqa(&resume));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("resuming after epoch 1\n"), "{said}");
     let resumed = metric_lines(&killed);
     assert_eq!(
         resumed
@@ -238,7 +240,12 @@ fn a_run_killed_after_a_mid_epoch_checkpoint_resumes_from_it() {
     let mut resume = mid_args(d, k);
     resume.push("--resume".into());
     let resume: Vec<&str> = resume.iter().map(String::as_str).collect();
-    ok(moevqa(&resume));
+    let out = ok(moevqa(&resume));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!("resuming after epoch 0 and {seen} questions")),
+        "{said}"
+    );
     let resumed = metric_lines(&killed);
     assert_eq!(resumed.len(), 2);
     // Nothing is lost or repeated: the epoch's questions and sums, and what

@@ -164,6 +164,11 @@ pub trait Progress {
     fn batch(&mut self, done: usize, loss: f64, accuracy: f64);
     /// End of an epoch.
     fn end_epoch(&mut self, summary: &EpochSummary);
+    /// A resumed run starts from its checkpoint: `epochs` complete, and
+    /// `partial` of the next one if the checkpoint was taken inside it.
+    fn resumed(&mut self, epochs: usize, partial: Option<&PartialEpoch>) {
+        let _ = (epochs, partial);
+    }
 }
 
 /// Trains (or resumes) a Relation Network run. `device` is the plain device;
@@ -208,6 +213,9 @@ pub fn train(
     let mut state = TrainState::default();
     if resuming {
         (model, optim, state) = resume_from(&paths, model, optim, &ad)?;
+    }
+    if resuming {
+        progress.resumed(state.epoch, state.partial.as_ref());
     }
     // The last complete epoch's line, kept in mid-epoch checkpoints.
     let mut last_line = state.metrics.clone();

@@ -454,6 +454,9 @@ pub fn train_vqa(
     }
     let num_answers = answers.len().max(1);
     let balance = BalanceLossConfig::new().with_weight(cfg.balance_weight);
+    if resuming {
+        progress.resumed(state.epoch, state.partial.as_ref());
+    }
     // The last complete epoch's line, kept in mid-epoch checkpoints.
     let mut last_line = state.metrics.clone();
     let mut partial = state.partial.take();
