@@ -307,13 +307,9 @@ struct BarProgress {
 impl moevqa::train::run::Progress for BarProgress {
     fn start_epoch(&mut self, epoch: usize, epochs: usize, total: usize, done: usize) {
         let bar = indicatif::ProgressBar::new(total as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "epoch {prefix} [{bar:30}] {pos}/{len} questions, {per_sec}, ETA {eta} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
+        bar.set_style(bar_style(
+            "epoch {prefix} [{bar:30}] {pos}/{len} questions, {per_sec}, ETA {eta} {msg}",
+        ));
         bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
         // A resumed epoch starts part-way: its rate and ETA count from here.
         bar.set_position(done as u64);
@@ -374,6 +370,73 @@ impl moevqa::train::run::Progress for BarProgress {
         );
         if let Some(w) = &line.warning {
             eprintln!("warning: {w}");
+        }
+    }
+}
+
+/// Progress of an evaluation or a prediction on stderr: a bar on a
+/// terminal; without one (a log), a line every tenth once it has run 5 s
+/// (short evaluations stay quiet).
+pub(crate) struct EvalBar {
+    what: String,
+    bar: Option<indicatif::ProgressBar>,
+    started: std::time::Instant,
+    next_line: usize,
+}
+
+/// A progress bar style from `template` (the default style if it does not
+/// parse).
+fn bar_style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+impl EvalBar {
+    /// The bar of an evaluation of `split` at `k` (None: the run's k).
+    pub(crate) fn eval(split: &str, k: Option<usize>) -> EvalBar {
+        EvalBar::new(format!(
+            "{split} at k = {}",
+            k.map_or("the run's".into(), |k| k.to_string())
+        ))
+    }
+
+    pub(crate) fn new(what: impl Into<String>) -> EvalBar {
+        EvalBar {
+            what: what.into(),
+            bar: None,
+            started: std::time::Instant::now(),
+            next_line: 0,
+        }
+    }
+
+    pub(crate) fn tick(&mut self, done: usize, total: usize) {
+        let (what, started) = (&self.what, self.started);
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(bar_style(
+                "{msg} [{bar:30}] {pos}/{len} questions, {per_sec}, ETA {eta}",
+            ));
+            bar.set_message(what.clone());
+            bar
+        });
+        bar.set_position(done as u64);
+        let long = started.elapsed() >= std::time::Duration::from_secs(5);
+        if bar.is_hidden() && long && done >= self.next_line && done < total {
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "  {what}: {done}/{total} questions, {rate:.0} questions/s, ETA {:.0} s",
+                (total - done) as f64 / rate.max(1e-9)
+            );
+            self.next_line = done + total / 10;
+        }
+    }
+}
+
+impl Drop for EvalBar {
+    fn drop(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
         }
     }
 }
@@ -551,7 +614,15 @@ fn cmd_eval(
     inf: Inference,
     json: bool,
 ) -> Result<SweepRow> {
-    let (cfg, report) = moevqa::train::run::evaluate_run(run, data, split, inf, device)?;
+    let mut bar = EvalBar::new(format!(
+        "{split} at k = {}",
+        inf.k.map_or("run's".into(), |k| k.to_string())
+    ));
+    let (cfg, report) =
+        moevqa::train::run::evaluate_run(run, data, split, inf, device, &mut |d, n| {
+            bar.tick(d, n)
+        })?;
+    drop(bar);
     let gate = GateSettings::new().with_question_dim(cfg.question_dim);
     let macs = count_macs(
         &CnnLayout::clevr(),
@@ -1338,13 +1409,16 @@ fn cmd_demo(
             question_dim: 64,
         };
         moevqa::train::run::train(&cfg, &run, false, device, &mut new_progress())?;
+        let mut bar = EvalBar::new(format!("val at k = {k}"));
         let (_, report) = moevqa::train::run::evaluate_run(
             &run,
             &data,
             "val",
             Inference::at(k, 64, device),
             device,
+            &mut |d, n| bar.tick(d, n),
         )?;
+        drop(bar);
         let gate = GateSettings::new().with_question_dim(cfg.question_dim);
         let macs = count_macs(&CnnLayout::clevr(), (64, 64), Some(k), &gate)?;
         // NaN (null in --json) only if a val set lacks a whole group.
@@ -1510,7 +1584,16 @@ fn run(cli: Cli) -> Result<()> {
                 (split, n)
             } else {
                 let split = split.unwrap_or_else(|| "test".into());
-                let preds = moevqa::train::run::predict_run(&run, &data, &split, inf, &device)?;
+                let mut bar = EvalBar::new(format!("predicting {split}"));
+                let preds = moevqa::train::run::predict_run(
+                    &run,
+                    &data,
+                    &split,
+                    inf,
+                    &device,
+                    &mut |d, n| bar.tick(d, n),
+                )?;
+                drop(bar);
                 moevqa::data::clevr_format::write_json_atomic(&out, &preds)?;
                 (split, preds.len())
             };

@@ -260,7 +260,12 @@ pub fn cmd_eval_vqa(
     inf: Inference,
     json: bool,
 ) -> Result<crate::SweepRow> {
-    let (cfg, r) = moevqa::train::vqa::evaluate_vqa_run(run, data, split, inf, device)?;
+    let mut bar = crate::EvalBar::eval(split, inf.k);
+    let (cfg, r) =
+        moevqa::train::vqa::evaluate_vqa_run(run, data, split, inf, device, &mut |d, n| {
+            bar.tick(d, n)
+        })?;
+    drop(bar);
     let macs = vqa_macs(&cfg, r.k, cfg.image_size)?;
     let macs224 = vqa_macs(&cfg, r.k, 224)?;
     if json {
@@ -325,7 +330,12 @@ pub fn cmd_predict_vqa(
     out: &Path,
     inf: Inference,
 ) -> Result<usize> {
-    let (_, r) = moevqa::train::vqa::evaluate_vqa_run(run, data, split, inf, device)?;
+    let mut bar = crate::EvalBar::new(format!("predicting {split}"));
+    let (_, r) =
+        moevqa::train::vqa::evaluate_vqa_run(run, data, split, inf, device, &mut |d, n| {
+            bar.tick(d, n)
+        })?;
+    drop(bar);
     let results: Vec<VqaResult> = r
         .predictions
         .iter()
@@ -456,13 +466,16 @@ pub fn cmd_demo_vqa(device: &Device, f: &VqaDemoFlags, progress: &mut dyn Progre
         };
         let cfg = flags.config()?;
         moevqa::train::vqa::train_vqa(&cfg, &run, false, device, progress)?;
+        let mut bar = crate::EvalBar::new(format!("val2014 at k = {k}"));
         let (_, r) = moevqa::train::vqa::evaluate_vqa_run(
             &run,
             &data,
             "val2014",
             Inference::at(k, 32, device),
             device,
+            &mut |d, n| bar.tick(d, n),
         )?;
+        drop(bar);
         let s = r.score.context("the generated val split has annotations")?;
         rows.push(VqaDemoRow {
             k,

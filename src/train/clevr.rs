@@ -199,8 +199,14 @@ pub fn probe_dead_units(
     Ok((!probe.is_empty()).then(|| DeadUnits::from_maxima(&maxima, probe.len())))
 }
 
+/// Reports an evaluation's progress: `(questions done, questions)` after
+/// each batch.
+pub type OnBatch<'a> = &'a mut dyn FnMut(usize, usize);
+
 /// Evaluates `model` (eval mode: give it `model.valid()`) sparse at `k`,
-/// its CNN run by `cnn` (built from `model.cnn`).
+/// its CNN run by `cnn` (built from `model.cnn`); `on_batch` after each
+/// batch.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &RelationNetwork,
     cnn: &EvalCnn,
@@ -209,6 +215,7 @@ pub fn evaluate(
     batch: usize,
     image_size: u32,
     device: &Device,
+    on_batch: OnBatch<'_>,
 ) -> Result<EvalReport, TrainError> {
     let engine = cnn.engine();
     let t0 = Instant::now();
@@ -244,6 +251,7 @@ pub fn evaluate(
             f.1 += 1;
         }
         predictions.extend(pred);
+        on_batch(predictions.len(), items.len());
     }
     let pct = |r: usize, n: usize| {
         if n == 0 {
@@ -528,10 +536,16 @@ mod tests {
         let eval = model.valid();
         for k in [12, 6, 3] {
             let burn = EvalCnn::new(&eval.cnn, Engine::Burn).unwrap();
-            let r = evaluate(&eval, &burn, &val_items, k, 16, 64, &base).unwrap();
+            let r = evaluate(&eval, &burn, &val_items, k, 16, 64, &base, &mut |_, _| {}).unwrap();
             // The fast CPU path gives the same answers and the same experts.
             let packed = EvalCnn::new(&eval.cnn, Engine::Fast).unwrap();
-            let fast = evaluate(&eval, &packed, &val_items, k, 16, 64, &base).unwrap();
+            let mut ticks = Vec::new();
+            let fast = evaluate(&eval, &packed, &val_items, k, 16, 64, &base, &mut |d, n| {
+                ticks.push((d, n))
+            })
+            .unwrap();
+            // Progress after each batch of 16, to all 80 questions.
+            assert_eq!(ticks, (1..=5).map(|b| (16 * b, 80)).collect::<Vec<_>>());
             assert_eq!(fast.predictions, r.predictions, "k {k}");
             assert_eq!(fast.expert_usage, r.expert_usage, "k {k}");
             // The CNN is timed on the fast engine only; a second
@@ -542,7 +556,17 @@ mod tests {
                 ms > 0.0 && ms < 1e3 / fast.questions_per_s,
                 "k {k}: {ms} ms"
             );
-            let again = evaluate(&eval, &packed, &val_items[..16], k, 16, 64, &base).unwrap();
+            let again = evaluate(
+                &eval,
+                &packed,
+                &val_items[..16],
+                k,
+                16,
+                64,
+                &base,
+                &mut |_, _| {},
+            )
+            .unwrap();
             assert!(again.cnn_ms_per_image.is_some_and(|m| m > 0.0));
             assert_eq!(packed.clock().unwrap().images, 96);
             assert_eq!(r.questions, 80);

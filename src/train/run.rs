@@ -21,8 +21,8 @@ use crate::train::checkpoint::{
     PartialEpoch, TrainState, has_checkpoint, load_checkpoint, save_checkpoint,
 };
 use crate::train::clevr::{
-    Encoded, EpochSettings, EvalReport, MidEpoch, RunVocab, adam, build_model, encode_split,
-    evaluate, make_batch, probe_dead_units, train_epoch,
+    Encoded, EpochSettings, EvalReport, MidEpoch, OnBatch, RunVocab, adam, build_model,
+    encode_split, evaluate, make_batch, probe_dead_units, train_epoch,
 };
 use crate::train::{Inference, TrainError};
 use burn::module::Module;
@@ -268,7 +268,8 @@ pub fn train(
                 let valid = model.valid();
                 let cnn = EvalCnn::new(&valid.cnn, Engine::for_device(device))?;
                 let (k, size) = (cfg.k, cfg.image_size);
-                let mut report = evaluate(&valid, &cnn, v, k, cfg.batch, size, device)?;
+                let mut report =
+                    evaluate(&valid, &cnn, v, k, cfg.batch, size, device, &mut |_, _| {})?;
                 report.dead_units = probe_dead_units(&valid, &cnn, v, k, size, device)?;
                 Some(report)
             }
@@ -579,6 +580,7 @@ fn run_over_split(
     inf: Inference,
     device: &Device,
     probe: bool,
+    on_batch: OnBatch<'_>,
 ) -> Result<(LoadedRun, ClevrSplit, EvalReport), TrainError> {
     let r = load_run(run, device)?;
     let ds = ClevrSplit::open(data, split)?;
@@ -586,22 +588,24 @@ fn run_over_split(
     let k = inf.k.unwrap_or(r.config.k);
     let size = r.config.image_size;
     let cnn = EvalCnn::new(&r.model.cnn, inf.engine)?;
-    let mut report = evaluate(&r.model, &cnn, &items, k, inf.batch, size, device)?;
+    let mut report = evaluate(&r.model, &cnn, &items, k, inf.batch, size, device, on_batch)?;
     if probe {
         report.dead_units = probe_dead_units(&r.model, &cnn, &items, k, size, device)?;
     }
     Ok((r, ds, report))
 }
 
-/// Evaluates a run on `split` of `data`, sparse at `inf.k` (default the run's).
+/// Evaluates a run on `split` of `data`, sparse at `inf.k` (default the
+/// run's); `on_batch(done, questions)` after each batch.
 pub fn evaluate_run(
     run: &Path,
     data: &Path,
     split: &str,
     inf: Inference,
     device: &Device,
+    on_batch: OnBatch<'_>,
 ) -> Result<(RunConfig, EvalReport), TrainError> {
-    let (r, _, report) = run_over_split(run, data, split, inf, device, true)?;
+    let (r, _, report) = run_over_split(run, data, split, inf, device, true, on_batch)?;
     Ok((r.config, report))
 }
 
@@ -613,15 +617,17 @@ pub struct Prediction {
     pub answer: String,
 }
 
-/// Predicts every question of `split` (answers need not be present).
+/// Predicts every question of `split` (answers need not be present);
+/// `on_batch(done, questions)` after each batch.
 pub fn predict_run(
     run: &Path,
     data: &Path,
     split: &str,
     inf: Inference,
     device: &Device,
+    on_batch: OnBatch<'_>,
 ) -> Result<Vec<Prediction>, TrainError> {
-    let (r, ds, report) = run_over_split(run, data, split, inf, device, false)?;
+    let (r, ds, report) = run_over_split(run, data, split, inf, device, false, on_batch)?;
     Ok(ds
         .questions
         .iter()

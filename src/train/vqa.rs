@@ -32,7 +32,7 @@ use crate::models::butd::{Butd, ButdConfig, soft_bce};
 use crate::moe::BalanceLossConfig;
 use crate::text::{PAD, Vocab};
 use crate::train::checkpoint::{PartialEpoch, TrainState, has_checkpoint, load_checkpoint};
-use crate::train::clevr::{adam, argmax_rows};
+use crate::train::clevr::{OnBatch, adam, argmax_rows};
 use crate::train::run::{
     EpochSummary, MidEpochSchedule, Progress, RunPaths, check_resumed_epoch, epoch_seed, io_err,
     mid_seed, open_run_dir, record_epoch, resume_from, save_mid_epoch, settings_diff,
@@ -254,6 +254,7 @@ pub fn evaluate_vqa(
     s: EvalSettings,
     annotations: Option<&Path>,
     device: &Device,
+    on_batch: OnBatch<'_>,
 ) -> Result<VqaEvalReport, TrainError> {
     let EvalSettings {
         k,
@@ -276,6 +277,7 @@ pub fn evaluate_vqa(
         for (item, &a) in chunk.iter().zip(&best) {
             predictions.push((item.question_id, answers.answer(a).to_string()));
         }
+        on_batch(predictions.len(), items.len());
         for (bi, g) in out.gates.iter().enumerate() {
             for (row, item) in g.indices.iter().zip(chunk) {
                 let typed = by_type
@@ -537,6 +539,7 @@ pub fn train_vqa(
                 },
                 val_annotations.as_deref(),
                 device,
+                &mut |_, _| {},
             )?),
             None => None,
         };
@@ -624,6 +627,7 @@ pub fn evaluate_vqa_run(
     split: &str,
     inf: Inference,
     device: &Device,
+    on_batch: OnBatch<'_>,
 ) -> Result<(VqaRunConfig, VqaEvalReport), TrainError> {
     let r = load_vqa_run(run, device)?;
     let ds = Vqa2Split::open(data, split)?;
@@ -641,6 +645,7 @@ pub fn evaluate_vqa_run(
         },
         ann.as_deref(),
         device,
+        on_batch,
     )?;
     Ok((r.config, report))
 }
