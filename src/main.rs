@@ -614,10 +614,7 @@ fn cmd_eval(
     inf: Inference,
     json: bool,
 ) -> Result<SweepRow> {
-    let mut bar = EvalBar::new(format!(
-        "{split} at k = {}",
-        inf.k.map_or("run's".into(), |k| k.to_string())
-    ));
+    let mut bar = EvalBar::eval(split, inf.k);
     let (cfg, report) =
         moevqa::train::run::evaluate_run(run, data, split, inf, device, &mut |d, n| {
             bar.tick(d, n)
