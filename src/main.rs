@@ -129,11 +129,8 @@ enum Command {
         /// default the run's k.
         #[arg(long = "k")]
         k: Vec<usize>,
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-        /// How the CNN runs: `fast` (the packed CPU path; default on the CPU) or `burn` (Burn's tensor ops; default on a GPU).
-        #[arg(long)]
-        engine: Option<String>,
+        #[command(flatten)]
+        runner: RunnerArgs,
         /// Print JSON (one object per k, a line each).
         #[arg(long)]
         json: bool,
@@ -181,8 +178,11 @@ enum Command {
         /// Output JSON file: CLEVR [{"image_filename", "question_index", "answer"}], VQA v2 the official [{"question_id", "answer"}].
         #[arg(long)]
         out: std::path::PathBuf,
+        /// Paths kept per block; default the run's k.
+        #[arg(long)]
+        k: Option<usize>,
         #[command(flatten)]
-        inference: InferenceArgs,
+        runner: RunnerArgs,
         /// Print `{"out", "split", "predictions"}` (the count) instead of a sentence.
         #[arg(long)]
         json: bool,
@@ -1046,12 +1046,9 @@ fn parse_engine(name: &str) -> Result<moevqa::bench::Engine> {
     name.parse().map_err(|e| anyhow::anyhow!("--engine: {e}"))
 }
 
-/// Flags of eval and predict: how a trained run answers.
+/// Flags of eval and predict: how a trained run's model runs.
 #[derive(clap::Args, Debug)]
-struct InferenceArgs {
-    /// Paths kept per block; default the run's k.
-    #[arg(long)]
-    k: Option<usize>,
+struct RunnerArgs {
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// How the CNN runs: `fast` (the packed CPU path; default on the CPU) or `burn` (Burn's tensor ops; default on a GPU).
@@ -1059,8 +1056,9 @@ struct InferenceArgs {
     engine: Option<String>,
 }
 
-impl InferenceArgs {
-    fn resolve(self, device: &Device) -> Result<Inference> {
+impl RunnerArgs {
+    /// The inference settings at `k` (None: the run's k).
+    fn resolve(&self, k: Option<usize>, device: &Device) -> Result<Inference> {
         if self.batch == 0 {
             bail!("--batch: expected at least 1");
         }
@@ -1069,7 +1067,7 @@ impl InferenceArgs {
             None => moevqa::kernels::Engine::for_device(device),
         };
         Ok(Inference {
-            k: self.k,
+            k,
             batch: self.batch,
             engine,
         })
@@ -1570,11 +1568,12 @@ fn run(cli: Cli) -> Result<()> {
             dataset,
             split,
             out,
-            inference,
+            k,
+            runner,
             json,
         } => {
             let device = pick_device(&cli.device)?;
-            let inf = inference.resolve(&device)?;
+            let inf = runner.resolve(k, &device)?;
             let (split, n) = if run_kind(&run, dataset.as_deref())? == "vqa2" {
                 let split = split.unwrap_or_else(|| "test2015".into());
                 let n = vqa_cli::cmd_predict_vqa(&device, &run, &data, &split, &out, inf)?;
@@ -1613,12 +1612,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let device = pick_device(&cli.device)?;
-            let inf = InferenceArgs {
-                k,
-                batch: 1,
-                engine,
-            }
-            .resolve(&device)?;
+            let inf = RunnerArgs { batch: 1, engine }.resolve(k, &device)?;
             if run_kind(&run, dataset.as_deref())? == "vqa2" {
                 vqa_cli::cmd_answer_vqa(&device, &run, &image, &question, inf, json)
             } else {
@@ -1650,11 +1644,11 @@ fn run(cli: Cli) -> Result<()> {
             dataset,
             split,
             k,
-            batch,
-            engine,
+            runner,
             json,
         } => {
             let device = pick_device(&cli.device)?;
+            let base = runner.resolve(None, &device)?;
             if let Some(bad) = k.iter().find(|&&k| k == 0) {
                 bail!("--k {bad}: expected at least 1 path per block");
             }
@@ -1666,13 +1660,8 @@ fn run(cli: Cli) -> Result<()> {
             let vqa = run_kind(&run, dataset.as_deref())? == "vqa2";
             let split = split.unwrap_or_else(|| if vqa { "val2014" } else { "val" }.into());
             let mut rows = Vec::with_capacity(sweep.len());
-            for (i, k) in sweep.iter().enumerate() {
-                let inf = InferenceArgs {
-                    k: *k,
-                    batch,
-                    engine: engine.clone(),
-                }
-                .resolve(&device)?;
+            for (i, &k) in sweep.iter().enumerate() {
+                let inf = Inference { k, ..base };
                 if i > 0 && !json {
                     println!();
                 }
