@@ -294,14 +294,44 @@ struct TrainArgs {
     json: bool,
 }
 
-struct BarProgress {
-    bar: Option<indicatif::ProgressBar>,
-    /// Without a terminal the bar is hidden: print a plain line every tenth of an epoch instead.
+/// Without a terminal a bar is hidden: plain lines every tenth of the work
+/// instead, with the rate and ETA counted from where the work started.
+struct TenthLines {
     started: std::time::Instant,
     total: usize,
-    /// Questions done when the epoch (or its resumed part) started.
+    /// Done when it started (a resumed epoch starts part-way).
     start_done: usize,
     next_line: usize,
+}
+
+impl TenthLines {
+    fn new(total: usize, done: usize) -> TenthLines {
+        let tenth = (total / 10).max(1);
+        TenthLines {
+            started: std::time::Instant::now(),
+            total,
+            start_done: done,
+            next_line: (done / tenth + 1) * tenth,
+        }
+    }
+
+    /// `(rate per second, ETA in seconds)` when `done` has reached the
+    /// next tenth (not the end), else None.
+    fn due(&mut self, done: usize) -> Option<(f64, f64)> {
+        if done < self.next_line || done >= self.total {
+            return None;
+        }
+        let tenth = (self.total / 10).max(1);
+        self.next_line = (done / tenth + 1) * tenth;
+        let rate = done.saturating_sub(self.start_done) as f64
+            / self.started.elapsed().as_secs_f64().max(1e-9);
+        Some((rate, (self.total - done) as f64 / rate.max(1e-9)))
+    }
+}
+
+struct BarProgress {
+    bar: Option<indicatif::ProgressBar>,
+    lines: TenthLines,
 }
 
 impl moevqa::train::run::Progress for BarProgress {
@@ -314,26 +344,20 @@ impl moevqa::train::run::Progress for BarProgress {
         // A resumed epoch starts part-way: its rate and ETA count from here.
         bar.set_position(done as u64);
         bar.reset_eta();
-        self.started = std::time::Instant::now();
-        self.total = total;
-        self.start_done = done;
-        let tenth = (total / 10).max(1);
-        self.next_line = (done / tenth + 1) * tenth;
+        self.lines = TenthLines::new(total, done);
         self.bar = Some(bar);
     }
     fn batch(&mut self, done: usize, loss: f64, accuracy: f64) {
         if let Some(b) = &self.bar {
             b.set_position(done as u64);
             b.set_message(format!("loss {loss:.4} acc {accuracy:.1}%"));
-            if b.is_hidden() && done >= self.next_line && done < self.total {
-                let rate = done.saturating_sub(self.start_done) as f64
-                    / self.started.elapsed().as_secs_f64().max(1e-9);
+            if b.is_hidden()
+                && let Some((rate, eta)) = self.lines.due(done)
+            {
                 eprintln!(
-                    "  {done}/{} questions, loss {loss:.4}, acc {accuracy:.1}%, {rate:.0} questions/s, ETA {:.0} s",
-                    self.total,
-                    (self.total - done) as f64 / rate.max(1e-9)
+                    "  {done}/{} questions, loss {loss:.4}, acc {accuracy:.1}%, {rate:.0} questions/s, ETA {eta:.0} s",
+                    self.lines.total
                 );
-                self.next_line += (self.total / 10).max(1);
             }
         }
     }
@@ -380,8 +404,7 @@ impl moevqa::train::run::Progress for BarProgress {
 pub(crate) struct EvalBar {
     what: String,
     bar: Option<indicatif::ProgressBar>,
-    started: std::time::Instant,
-    next_line: usize,
+    lines: Option<TenthLines>,
 }
 
 /// A progress bar style from `template` (the default style if it does not
@@ -405,13 +428,13 @@ impl EvalBar {
         EvalBar {
             what: what.into(),
             bar: None,
-            started: std::time::Instant::now(),
-            next_line: 0,
+            lines: None,
         }
     }
 
     pub(crate) fn tick(&mut self, done: usize, total: usize) {
-        let (what, started) = (&self.what, self.started);
+        let what = &self.what;
+        let lines = self.lines.get_or_insert_with(|| TenthLines::new(total, 0));
         let bar = self.bar.get_or_insert_with(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
             bar.set_style(bar_style(
@@ -421,14 +444,12 @@ impl EvalBar {
             bar
         });
         bar.set_position(done as u64);
-        let long = started.elapsed() >= std::time::Duration::from_secs(5);
-        if bar.is_hidden() && long && done >= self.next_line && done < total {
-            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            eprintln!(
-                "  {what}: {done}/{total} questions, {rate:.0} questions/s, ETA {:.0} s",
-                (total - done) as f64 / rate.max(1e-9)
-            );
-            self.next_line = done + total / 10;
+        let long = lines.started.elapsed() >= std::time::Duration::from_secs(5);
+        if bar.is_hidden()
+            && long
+            && let Some((rate, eta)) = lines.due(done)
+        {
+            eprintln!("  {what}: {done}/{total} questions, {rate:.0} questions/s, ETA {eta:.0} s");
         }
     }
 }
@@ -444,10 +465,7 @@ impl Drop for EvalBar {
 fn new_progress() -> BarProgress {
     BarProgress {
         bar: None,
-        started: std::time::Instant::now(),
-        total: 0,
-        start_done: 0,
-        next_line: 0,
+        lines: TenthLines::new(0, 0),
     }
 }
 
