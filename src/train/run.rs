@@ -213,8 +213,6 @@ pub fn train(
     let mut state = TrainState::default();
     if resuming {
         (model, optim, state) = resume_from(&paths, model, optim, &ad)?;
-    }
-    if resuming {
         progress.resumed(state.epoch, state.partial.as_ref());
     }
     // The last complete epoch's line, kept in mid-epoch checkpoints.
@@ -222,13 +220,7 @@ pub fn train(
     let mut partial = state.partial.take();
     let mut lines = Vec::new();
     for epoch in state.epoch..cfg.epochs {
-        // Reseed per epoch (and from a mid-epoch checkpoint, as it did) so a
-        // resumed run draws the same dropout masks as an uninterrupted one.
-        let resume = partial.take().filter(|p| p.epoch == epoch);
-        device.seed(match &resume {
-            Some(p) => mid_seed(cfg.seed, epoch, p.seen),
-            None => epoch_seed(cfg.seed, epoch),
-        });
+        let resume = begin_epoch(&mut partial, cfg.seed, epoch, device);
         let (lr, batch) = cfg.schedule(epoch);
         let settings = EpochSettings {
             k: cfg.k,
@@ -285,8 +277,7 @@ pub fn train(
             seconds: stats.seconds,
             val,
         };
-        record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
-        last_line = serde_json::to_value(&line).unwrap_or_default();
+        last_line = record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
         progress.end_epoch(&EpochSummary {
             epoch: line.epoch,
             train_loss: line.train_loss,
@@ -373,7 +364,7 @@ pub fn open_run_dir<C: serde::de::DeserializeOwned>(
 }
 
 /// After an epoch: the checkpoint (with `line` as its metrics), then the
-/// metrics line.
+/// metrics line; returns the line as saved.
 pub fn record_epoch<M: Module + std::fmt::Display>(
     paths: &RunPaths,
     model: &M,
@@ -381,7 +372,7 @@ pub fn record_epoch<M: Module + std::fmt::Display>(
     seed: u64,
     line: &impl Serialize,
     epoch: usize,
-) -> Result<(), TrainError> {
+) -> Result<serde_json::Value, TrainError> {
     let state = TrainState {
         epoch,
         step: 0,
@@ -391,7 +382,27 @@ pub fn record_epoch<M: Module + std::fmt::Display>(
     };
     save_checkpoint(&paths.checkpoint, model, optim, &state)
         .map_err(|e| TrainError::Io(e.to_string()))?;
-    append_metrics(&paths.metrics, line)
+    append_metrics(&paths.metrics, line)?;
+    Ok(state.metrics)
+}
+
+/// Starts `epoch`: takes from `partial` the part of it a mid-epoch
+/// checkpoint saved (None if that checkpoint is of another epoch, or
+/// there is none) and seeds the device as an unstopped run's is at that
+/// point ([`mid_seed`], else [`epoch_seed`]), so a resumed run draws the
+/// same dropout masks as an uninterrupted one.
+pub fn begin_epoch(
+    partial: &mut Option<PartialEpoch>,
+    seed: u64,
+    epoch: usize,
+    device: &Device,
+) -> Option<PartialEpoch> {
+    let from = partial.take().filter(|p| p.epoch == epoch);
+    device.seed(match &from {
+        Some(p) => mid_seed(seed, epoch, p.seen),
+        None => epoch_seed(seed, epoch),
+    });
+    from
 }
 
 /// Loads the run's checkpoint into `model` and `optim` and trims the

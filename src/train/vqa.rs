@@ -34,8 +34,8 @@ use crate::text::{PAD, Vocab};
 use crate::train::checkpoint::{PartialEpoch, TrainState, has_checkpoint, load_checkpoint};
 use crate::train::clevr::{OnBatch, adam, argmax_rows};
 use crate::train::run::{
-    EpochSummary, MidEpochSchedule, Progress, RunPaths, check_resumed_epoch, epoch_seed, io_err,
-    mid_seed, open_run_dir, record_epoch, resume_from, save_mid_epoch, settings_diff,
+    EpochSummary, MidEpochSchedule, Progress, RunPaths, begin_epoch, check_resumed_epoch,
+    epoch_seed, io_err, open_run_dir, record_epoch, resume_from, save_mid_epoch, settings_diff,
 };
 use crate::train::{Inference, TrainError};
 
@@ -453,25 +453,16 @@ pub fn train_vqa(
     let mut state = TrainState::default();
     if resuming {
         (model, optim, state) = resume_from(&paths, model, optim, &ad)?;
+        progress.resumed(state.epoch, state.partial.as_ref());
     }
     let num_answers = answers.len().max(1);
     let balance = BalanceLossConfig::new().with_weight(cfg.balance_weight);
-    if resuming {
-        progress.resumed(state.epoch, state.partial.as_ref());
-    }
     // The last complete epoch's line, kept in mid-epoch checkpoints.
     let mut last_line = state.metrics.clone();
     let mut partial = state.partial.take();
     let mut lines = Vec::new();
     for epoch in state.epoch..cfg.epochs {
-        // As the CLEVR trainer: the epoch's seed, or the one a mid-epoch
-        // checkpoint reseeded from.
-        let from = partial.take().filter(|p| p.epoch == epoch);
-        device.seed(match &from {
-            Some(p) => mid_seed(cfg.seed, epoch, p.seen),
-            None => epoch_seed(cfg.seed, epoch),
-        });
-        let from = from.unwrap_or_default();
+        let from = begin_epoch(&mut partial, cfg.seed, epoch, device).unwrap_or_default();
         let (lr, batch) = cfg.schedule(epoch);
         let mut order: Vec<usize> = (0..items.len())
             .filter(|&i| !items[i].targets.is_empty() || train_split.has_annotations())
@@ -554,8 +545,7 @@ pub fn train_vqa(
             seconds,
             val,
         };
-        record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
-        last_line = serde_json::to_value(&line).unwrap_or_default();
+        last_line = record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
         progress.end_epoch(&EpochSummary {
             epoch: line.epoch,
             train_loss: line.train_loss,
