@@ -2,13 +2,13 @@
 
 mod common;
 
-use common::{assert_one_line_error, moevqa, ok};
+use common::{assert_one_line_error, moevqa, ok, stdout_json};
 
 #[test]
 fn flops_json_has_the_documented_shape() {
     let out = moevqa(&["flops", "--model", "clevr", "--json"]);
     assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stdout_json(&out);
     assert_eq!(v["model"], "clevr");
     assert_eq!(v["input"], serde_json::json!([128, 128]));
     let rows = v["rows"].as_array().unwrap();
@@ -27,7 +27,7 @@ fn flops_json_has_the_documented_shape() {
     }
     assert_eq!(rows[0]["gate_macs"], 0);
     let custom = moevqa(&["flops", "--model", "vqa", "--k", "4", "--k", "2", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&custom.stdout).unwrap();
+    let v = stdout_json(&custom);
     assert_eq!(v["rows"].as_array().unwrap().len(), 3);
     assert_eq!(v["input"], serde_json::json!([224, 224]));
 }
@@ -59,7 +59,7 @@ fn bench_block_json_has_the_documented_keys() {
         "0",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
+    let v = stdout_json(&ok(out));
     for key in [
         "preset",
         "batch",
@@ -168,7 +168,7 @@ fn generate_sort_of_clevr_writes_the_layout_and_reports_errors() {
         "2",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
+    let v = stdout_json(&ok(out));
     assert_eq!(v["train_questions"], 80);
     assert_eq!(v["val_questions"], 40);
     for f in [
@@ -193,7 +193,7 @@ fn generate_sort_of_clevr_writes_the_layout_and_reports_errors() {
         "32",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
+    let v = stdout_json(&ok(out));
     assert_eq!(v["images"], 6);
     assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
     assert_one_line_error(
@@ -236,14 +236,14 @@ fn bench_fast_engine_and_whole_cnn_json() {
         "fast",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
+    let v = stdout_json(&ok(out));
     assert_eq!(v["engine"], "fast");
     assert!(v["max_rel_diff"].as_f64().unwrap() < 1e-4);
     let out = moevqa(&[
         "bench", "cnn", "--model", "clevr", "--batch", "2", "--k", "6", "--input", "64", "--iters",
         "1", "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
+    let v = stdout_json(&ok(out));
     for key in [
         "dense_ms",
         "sparse_ms",
@@ -285,7 +285,7 @@ fn bench_fast_engine_and_whole_cnn_json() {
         "--profile",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
+    let v = stdout_json(&ok(out));
     assert!(v["bench"]["efficiency"].as_f64().is_some());
     for (net, gated) in [("dense", false), ("sparse", true)] {
         let p = &v["profile"][net];

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_one_line_error, metric_lines, moevqa, ok, stdout_lines};
+use common::{assert_one_line_error, metric_lines, moevqa, ok, stdout_json, stdout_lines};
 
 #[test]
 fn generate_train_eval_predict_answer_resume() {
@@ -69,7 +69,7 @@ fn generate_train_eval_predict_answer_resume() {
     let r = run.to_str().unwrap();
     // report: the recorded epoch as one JSON row and as a Markdown table.
     let rep = ok(moevqa(&["report", "--run", r, "--json"]));
-    let row: serde_json::Value = serde_json::from_slice(&rep.stdout).unwrap();
+    let row = stdout_json(&rep);
     assert_eq!(row["epoch"], 1);
     assert_eq!(row["val"], printed[0]["val"]["accuracy"]);
     assert_eq!(row["families"], printed[0]["val"]["by_family"]);
@@ -83,7 +83,7 @@ fn generate_train_eval_predict_answer_resume() {
     let out = ok(moevqa(&[
         "eval", "--run", r, "--data", d, "--k", "3", "--json",
     ]));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stdout_json(&out);
     assert_eq!(v["k"], 3);
     assert_eq!(v["questions"], 40);
     let acc = v["accuracy"].as_f64().unwrap();
@@ -132,7 +132,7 @@ fn generate_train_eval_predict_answer_resume() {
     let burn = ok(moevqa(&[
         "eval", "--run", r, "--data", d, "--k", "3", "--json", "--engine", "burn",
     ]));
-    let b: serde_json::Value = serde_json::from_slice(&burn.stdout).unwrap();
+    let b = stdout_json(&burn);
     for key in ["accuracy", "by_family", "expert_usage"] {
         assert_eq!(b[key], v[key], "{key}");
     }
@@ -253,7 +253,7 @@ fn generate_train_eval_predict_answer_resume() {
         preds_path.to_str().unwrap(),
         "--json",
     ]));
-    let said: serde_json::Value = serde_json::from_slice(&said.stdout).unwrap();
+    let said = stdout_json(&said);
     assert_eq!(said["predictions"], 40);
     assert_eq!(said["split"], "test");
     let preds: Vec<serde_json::Value> =
@@ -281,7 +281,7 @@ fn generate_train_eval_predict_answer_resume() {
         "6",
         "--json",
     ]));
-    let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a = stdout_json(&out);
     let p = a["probability"].as_f64().unwrap();
     assert!(p > 0.0 && p <= 1.0);
     let experts = a["experts"].as_array().unwrap();
@@ -341,7 +341,7 @@ fn demo_runs_on_a_tiny_set() {
         "1",
         "--json",
     ]));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stdout_json(&out);
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(
         rows.iter()

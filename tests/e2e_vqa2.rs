@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{
     assert_error_after_progress, assert_one_line_error, fresh_dir, kill_when, metric_lines, moevqa,
-    ok, saved_partial, stdout_lines,
+    ok, saved_partial, stdout_json, stdout_lines,
 };
 use moevqa::cnn::CnnLayout;
 
@@ -65,10 +65,6 @@ fn generate_small(data: &str, train: &str, val: &str, test: &str) {
     ]));
 }
 
-fn json(out: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
-
 #[test]
 fn generate_train_eval_predict_score_answer() {
     let root = fresh_dir("e2e-vqa2");
@@ -78,11 +74,11 @@ fn generate_train_eval_predict_score_answer() {
     let run = root.join("run");
     let r = run.to_str().unwrap();
     let out = ok(moevqa(&train_args(d, r, &["--json"])));
-    let line = json(&out);
+    let line = stdout_json(&out);
     assert_eq!(line["epoch"], 1);
     assert!(line["train_loss"].as_f64().unwrap().is_finite());
     // report reads a VQA run's val score and answer types from the real line.
-    let row = json(&ok(moevqa(&["report", "--run", r, "--json"])));
+    let row = stdout_json(&ok(moevqa(&["report", "--run", r, "--json"])));
     assert_eq!(row["val"], line["val"]["score"]["overall"], "{row}");
     assert!(row["val"].is_number(), "{row}");
     assert_eq!(row["families"], line["val"]["score"]["per_answer_type"]);
@@ -99,7 +95,7 @@ fn generate_train_eval_predict_score_answer() {
     }
 
     // Eval at another k: the official metric, MACs, expert usage.
-    let ev = json(&ok(moevqa(&[
+    let ev = stdout_json(&ok(moevqa(&[
         "eval", "--run", r, "--data", d, "--k", "4", "--json",
     ])));
     assert_eq!(ev["k"], 4);
@@ -158,7 +154,7 @@ fn generate_train_eval_predict_score_answer() {
     ]));
     let ann = data.join("v2_mscoco_val2014_annotations.json");
     let qs = data.join("v2_OpenEnded_mscoco_val2014_questions.json");
-    let sc = json(&ok(moevqa(&[
+    let sc = stdout_json(&ok(moevqa(&[
         "vqa-score",
         "--results",
         val_res.to_str().unwrap(),
@@ -174,7 +170,7 @@ fn generate_train_eval_predict_score_answer() {
 
     // The test split: official results format, every question once.
     let test_res = root.join("results.json");
-    let said = json(&ok(moevqa(&[
+    let said = stdout_json(&ok(moevqa(&[
         "predict",
         "--run",
         r,
@@ -198,7 +194,7 @@ fn generate_train_eval_predict_score_answer() {
     // One question about one JPEG.
     let img = data.join("val2014/COCO_val2014_000000000007.jpg");
     assert!(img.is_file());
-    let a = json(&ok(moevqa(&[
+    let a = stdout_json(&ok(moevqa(&[
         "answer",
         "--run",
         r,
@@ -426,7 +422,7 @@ fn import_resnext_then_train_from_it() {
     let st = root.join("clevr-cnn.safetensors");
     write_state_dict(&CnnLayout::clevr(), &st);
     let cnn = root.join("cnn.bin");
-    let out = json(&ok(moevqa(&[
+    let out = stdout_json(&ok(moevqa(&[
         "import-resnext",
         "--from",
         st.to_str().unwrap(),

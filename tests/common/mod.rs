@@ -60,6 +60,11 @@ pub fn parse_lines(text: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The one JSON document a command printed on stdout.
+pub fn stdout_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
 /// The JSON lines a command printed on stdout.
 pub fn stdout_lines(out: &Output) -> Vec<serde_json::Value> {
     parse_lines(&String::from_utf8_lossy(&out.stdout))
