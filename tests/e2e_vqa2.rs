@@ -483,31 +483,24 @@ fn a_vqa_run_resumes_from_a_mid_epoch_checkpoint() {
     let d = data.to_str().unwrap();
     generate_small(d, "8", "2", "1");
     // 32 questions an epoch in batches of 4, a checkpoint every 8.
-    let args = |run: &Path| -> Vec<String> {
-        let mut a: Vec<String> = train_args(d, run.to_str().unwrap(), &[])
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let batch = a.iter().position(|s| s == "--batch").unwrap();
-        a[batch + 1] = "4".into();
-        a.extend(["--checkpoint-every".into(), "8".into()]);
+    let killed = root.join("killed");
+    let whole = root.join("whole");
+    let (k, w) = (killed.to_str().unwrap(), whole.to_str().unwrap());
+    let args = |run| {
+        let mut a = train_args(d, run, &["--checkpoint-every", "8"]);
+        let batch = a.iter().position(|s| *s == "--batch").unwrap();
+        a[batch + 1] = "4";
         a
     };
-    let killed = root.join("killed");
-    kill_when(&args(&killed), Duration::ZERO, || {
+    kill_when(&args(k), Duration::ZERO, || {
         saved_partial(&killed).is_some()
     });
     let partial = saved_partial(&killed).expect("killed inside the epoch");
     assert_eq!(partial["epoch"], 0, "{partial}");
-    let mut resume = args(&killed);
-    resume.push("--resume".into());
-    ok(moevqa(
-        &resume.iter().map(String::as_str).collect::<Vec<_>>(),
-    ));
-    let whole = root.join("whole");
-    ok(moevqa(
-        &args(&whole).iter().map(String::as_str).collect::<Vec<_>>(),
-    ));
+    let mut resume = args(k);
+    resume.push("--resume");
+    ok(moevqa(&resume));
+    ok(moevqa(&args(w)));
     let (resumed, straight) = (metric_lines(&killed), metric_lines(&whole));
     assert_eq!(resumed.len(), 1);
     for (a, b) in resumed.iter().zip(&straight) {

@@ -206,12 +206,9 @@ fn a_run_killed_mid_epoch_resumes_from_its_last_checkpoint() {
 }
 
 /// [`train_args`] for 2 epochs with a checkpoint every 64 questions.
-fn mid_args(data: &str, run: &str) -> Vec<String> {
-    let mut a: Vec<String> = train_args(data, run, "2")
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    a.extend(["--checkpoint-every".into(), "64".into()]);
+fn mid_args<'a>(data: &'a str, run: &'a str) -> Vec<&'a str> {
+    let mut a = train_args(data, run, "2");
+    a.extend(["--checkpoint-every", "64"]);
     a
 }
 
@@ -238,8 +235,7 @@ fn a_run_killed_after_a_mid_epoch_checkpoint_resumes_from_it() {
     assert_eq!(saved_epoch(&killed), Some(0));
 
     let mut resume = mid_args(d, k);
-    resume.push("--resume".into());
-    let resume: Vec<&str> = resume.iter().map(String::as_str).collect();
+    resume.push("--resume");
     let out = ok(moevqa(&resume));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -251,9 +247,7 @@ fn a_run_killed_after_a_mid_epoch_checkpoint_resumes_from_it() {
     // Nothing is lost or repeated: the epoch's questions and sums, and what
     // follows, are those of a run never stopped (same flags).
     let whole = root.join("whole");
-    let straight_args = mid_args(d, whole.to_str().unwrap());
-    let straight_args: Vec<&str> = straight_args.iter().map(String::as_str).collect();
-    ok(moevqa(&straight_args));
+    ok(moevqa(&mid_args(d, whole.to_str().unwrap())));
     let straight = metric_lines(&whole);
     for (a, b) in resumed.iter().zip(&straight) {
         for key in ["train_loss", "train_accuracy"] {
