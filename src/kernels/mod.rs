@@ -226,6 +226,12 @@ impl<'a> EvalCnn<'a> {
             images: self.clock.images.load(Ordering::Relaxed),
         })
     }
+
+    /// Milliseconds per image of the calls since `before` (a reading of
+    /// [`Self::clock`]; None: since it was made), on the fast engine.
+    pub fn ms_per_image_since(&self, before: Option<CnnTime>) -> Option<f64> {
+        self.clock()?.ms_per_image_since(before.unwrap_or_default())
+    }
 }
 
 #[cfg(test)]

@@ -261,10 +261,7 @@ pub fn evaluate(
         }
     };
     let questions_per_s = items.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-    let cnn_ms_per_image = cnn
-        .clock()
-        .zip(clock0)
-        .and_then(|(now, before)| now.ms_per_image_since(before));
+    let cnn_ms_per_image = cnn.ms_per_image_since(clock0);
     Ok(EvalReport {
         k,
         questions: items.len(),

@@ -25,7 +25,7 @@ use crate::cnn::{CnnLayout, Execution};
 use crate::data::clevr_format::write_json_atomic;
 use crate::data::clevr_reader::load_images;
 use crate::data::vqa2::{AnswerCounting, AnswerVocab, Vqa2Split, annotation_file};
-use crate::kernels::{CnnTime, Engine, EvalCnn};
+use crate::kernels::{Engine, EvalCnn};
 use crate::metrics::vqa::{VqaScore, read_annotations, score};
 use crate::models::GatedVqaModel;
 use crate::models::butd::{Butd, ButdConfig, soft_bce};
@@ -291,9 +291,7 @@ pub fn evaluate_vqa(
         }
     }
     let questions_per_s = items.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-    let cnn_ms_per_image = cnn
-        .clock()
-        .and_then(|now| now.ms_per_image_since(CnnTime::default()));
+    let cnn_ms_per_image = cnn.ms_per_image_since(None);
     let score = match annotations {
         Some(path) => Some(score_predictions(path, &predictions)?),
         None => None,
