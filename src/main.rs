@@ -131,6 +131,10 @@ enum Command {
         k: Vec<usize>,
         #[command(flatten)]
         runner: RunnerArgs,
+        /// Also draw accuracy against CNN MACs and against the measured
+        /// CNN time per image, a point per k, into this PNG.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
         /// Print JSON (one object per k, a line each).
         #[arg(long)]
         json: bool,
@@ -530,6 +534,29 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
     print_json_lines(a.json, &lines)
 }
 
+/// Refuses a plot destination that cannot be written as a PNG before any
+/// work is done: its name must end in `.png` and its folder must exist.
+fn check_png_out(out: &std::path::Path) -> Result<()> {
+    let png = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !png {
+        bail!("{}: expected a file name ending in .png", out.display());
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "{}: the folder {} does not exist",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn cmd_plot(
     runs: &[std::path::PathBuf],
     out: &std::path::Path,
@@ -538,6 +565,7 @@ fn cmd_plot(
     json: bool,
 ) -> Result<()> {
     use moevqa::train::plot::{draw, run_curves};
+    check_png_out(out)?;
     let mut curves = Vec::new();
     for run in runs {
         curves.extend(run_curves(run, families, curves.len())?);
@@ -589,16 +617,7 @@ struct EvalJson<'a> {
     dead_units: Option<&'a moevqa::models::relation_network::DeadUnits>,
 }
 
-/// One k of an `eval` sweep: what its summary table shows.
-pub(crate) struct SweepRow {
-    pub k: usize,
-    pub cnn_macs: u64,
-    pub cnn_ms_per_image: Option<f64>,
-    /// Percent (the official VQA accuracy on a VQA run; None without
-    /// annotations).
-    pub accuracy: Option<f64>,
-    pub questions_per_s: f64,
-}
+use moevqa::train::plot::SweepRow;
 
 /// The summary of an `eval` sweep over k: one row per k.
 fn print_sweep(split: &str, rows: &[SweepRow]) {
@@ -1663,10 +1682,14 @@ fn run(cli: Cli) -> Result<()> {
             split,
             k,
             runner,
+            plot,
             json,
         } => {
             let device = pick_device(&cli.device)?;
             let base = runner.resolve(None, &device)?;
+            if let Some(p) = &plot {
+                check_png_out(p)?;
+            }
             if let Some(bad) = k.iter().find(|&&k| k == 0) {
                 bail!("--k {bad}: expected at least 1 path per block");
             }
@@ -1691,6 +1714,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             if rows.len() > 1 && !json {
                 print_sweep(&split, &rows);
+            }
+            if let Some(p) = &plot {
+                let name = run.file_name().map_or_else(
+                    || run.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                let title = format!("{name}: accuracy against CNN cost, by k ({split})");
+                moevqa::train::plot::draw_sweep(&rows, &title, p)?;
+                if !json {
+                    println!("wrote {}", p.display());
+                }
             }
             Ok(())
         }

@@ -173,17 +173,24 @@ fn generate_train_eval_predict_answer_resume() {
         lines[0]["cnn_macs_per_image"].as_u64() > lines[1]["cnn_macs_per_image"].as_u64(),
         "{lines:?}"
     );
+    let png = root.join("sweep.png");
+    let p = png.to_str().unwrap();
     let text = String::from_utf8(
         ok(moevqa(&[
-            "eval", "--run", r, "--data", d, "--k", "12", "--k", "6", "--k", "3",
+            "eval", "--run", r, "--data", d, "--k", "12", "--k", "6", "--k", "3", "--plot", p,
         ]))
         .stdout,
     )
     .unwrap();
+    // The sweep's plot: accuracy against MACs and against measured time.
+    let img = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (1200, 500));
+    assert!(text.contains("wrote "), "{text}");
     let table: Vec<&str> = text
         .lines()
         .skip_while(|l| !l.contains("by k"))
         .skip(2)
+        .take_while(|l| !l.starts_with("wrote "))
         .collect();
     let ks: Vec<&str> = table
         .iter()
@@ -194,6 +201,15 @@ fn generate_train_eval_predict_answer_resume() {
         &moevqa(&["eval", "--run", r, "--data", d, "--k", "0"]),
         "--k 0",
     );
+    // A plot that cannot be written is refused before the evaluation.
+    for bad in ["sweep.txt", "no/such/dir/sweep.png"] {
+        let bad = root.join(bad);
+        let b = bad.to_str().unwrap();
+        assert_one_line_error(
+            &moevqa(&["eval", "--run", r, "--data", d, "--k", "3", "--plot", b]),
+            b,
+        );
+    }
 
     // No silent overwrite; a resume extends the run.
     let again = train(&run, "1", &[]);

@@ -126,11 +126,25 @@ fn generate_train_eval_predict_score_answer() {
             .is_empty()
     );
     // A sweep over k: a JSON line per k, k = 4 the report above.
+    let png = root.join("sweep.png");
     let sweep = ok(moevqa(&[
-        "eval", "--run", r, "--data", d, "--k", "8", "--k", "4", "--json",
+        "eval",
+        "--run",
+        r,
+        "--data",
+        d,
+        "--k",
+        "8",
+        "--k",
+        "4",
+        "--json",
+        "--plot",
+        png.to_str().unwrap(),
     ]));
     let lines = stdout_lines(&sweep);
     assert_eq!(lines.len(), 2);
+    // --json keeps stdout JSON only; the plot is written beside it.
+    assert_eq!(image::open(&png).unwrap().width(), 1200);
     assert_eq!(lines[0]["k"], 8);
     for key in ["k", "accuracy", "expert_usage", "cnn_macs_per_image"] {
         assert_eq!(lines[1][key], ev[key], "{key}");

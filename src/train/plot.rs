@@ -4,6 +4,10 @@
 //! `families` one validation line per question type (CLEVR `by_family`,
 //! VQA `per_answer_type`).
 //!
+//! [`draw_sweep`] draws an `eval` sweep over k: accuracy against the CNN's
+//! MACs and against its measured time per image, a point per k, so the
+//! cost of each k (the paper's Tables 1 and 2 trade-off) is seen at once.
+//!
 //! The text is drawn with DejaVu Sans, built into the binary
 //! (`assets/DejaVuSans.ttf`, Bitstream Vera licence in
 //! `assets/DejaVuSans.LICENSE`), so plotting needs no system fonts.
@@ -187,6 +191,118 @@ pub fn draw(curves: &[Curve], title: &str, out: &Path) -> Result<(), TrainError>
     root.present().map_err(|e| fail(&e))
 }
 
+/// One k of an `eval` sweep (CLEVR or VQA run).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepRow {
+    pub k: usize,
+    pub cnn_macs: u64,
+    /// Measured on the fast CPU engine; None on Burn's ops.
+    pub cnn_ms_per_image: Option<f64>,
+    /// Percent (the official VQA accuracy on a VQA run; None without
+    /// annotations).
+    pub accuracy: Option<f64>,
+    pub questions_per_s: f64,
+}
+
+/// A padded axis range over `v` (at least `min_span` wide), clamped to
+/// `lo..hi` where given.
+fn span(v: impl Iterator<Item = f64>, min_span: f64, lo: f64, hi: f64) -> std::ops::Range<f64> {
+    let (a, b) = v.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
+    let mid = (a + b) / 2.0;
+    let half = ((b - a) / 2.0).max(min_span / 2.0) * 1.25;
+    (mid - half).max(lo)..(mid + half).min(hi)
+}
+
+/// Draws `rows` (an `eval` sweep) into the PNG `out`, 1200x500: accuracy
+/// against CNN MACs per image (left) and against the measured CNN time
+/// per image (right, or a note where the engine did not measure it), each
+/// point labelled with its k. Rows without an accuracy (a VQA split
+/// without annotations) cannot be drawn: an error says so.
+pub fn draw_sweep(rows: &[SweepRow], title: &str, out: &Path) -> Result<(), TrainError> {
+    let pts: Vec<(usize, f64, Option<f64>, f64)> = rows
+        .iter()
+        .filter_map(|r| {
+            let acc = r.accuracy?;
+            Some((r.k, r.cnn_macs as f64 / 1e6, r.cnn_ms_per_image, acc))
+        })
+        .collect();
+    if pts.is_empty() {
+        return Err(TrainError::Input(format!(
+            "{}: no accuracy to plot (the split has no answers)",
+            out.display()
+        )));
+    }
+    register_font()?;
+    let fail = |e: &dyn std::fmt::Display| io_err(out, e);
+    let root = BitMapBackend::new(out, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let root = root
+        .titled(title, ("sans-serif", 22))
+        .map_err(|e| fail(&e))?;
+    let (left, right) = root.split_horizontally(600);
+    let y = span(pts.iter().map(|p| p.3), 4.0, 0.0, 100.0);
+    let timed: Vec<(usize, f64, f64)> = pts
+        .iter()
+        .filter_map(|&(k, _, ms, acc)| Some((k, ms?, acc)))
+        .collect();
+    // (k, x, accuracy) per panel.
+    type Points = Vec<(usize, f64, f64)>;
+    let panels: [(&DrawingArea<_, _>, &str, Points); 2] = [
+        (
+            &left,
+            "CNN MACs per image (millions)",
+            pts.iter().map(|&(k, m, _, a)| (k, m, a)).collect(),
+        ),
+        (&right, "CNN ms per image (measured)", timed),
+    ];
+    for (i, (area, x_desc, mut p)) in panels.into_iter().enumerate() {
+        if p.is_empty() {
+            area.draw(&Text::new(
+                "CNN time not measured (only the fast CPU engine measures it)",
+                (40, 220),
+                ("sans-serif", 16),
+            ))
+            .map_err(|e| fail(&e))?;
+            continue;
+        }
+        // The line goes from the largest k down, so a timing that does not
+        // fall with k shows as the line turning back.
+        p.sort_by(|a, b| b.0.cmp(&a.0));
+        // From 0, so the ratio between two k reads off the axis.
+        let x_max = p.iter().map(|q| q.1).fold(0.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..x_max.max(1e-9), y.clone())
+            .map_err(|e| fail(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc("accuracy (%)")
+            .label_style(("sans-serif", 15))
+            .draw()
+            .map_err(|e| fail(&e))?;
+        let c = color(i);
+        chart
+            .draw_series(LineSeries::new(
+                p.iter().map(|q| (q.1, q.2)),
+                c.stroke_width(2),
+            ))
+            .map_err(|e| fail(&e))?;
+        chart
+            .draw_series(p.iter().map(|q| {
+                EmptyElement::at((q.1, q.2))
+                    + Circle::new((0, 0), 4, c.filled())
+                    + Text::new(format!("k = {}", q.0), (6, -18), ("sans-serif", 14))
+            }))
+            .map_err(|e| fail(&e))?;
+    }
+    root.present().map_err(|e| fail(&e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,5 +368,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("x.png"), "{e}");
+    }
+
+    #[test]
+    fn draw_sweep_plots_each_k_against_macs_and_time() {
+        let dir = run_dir("sweep", &CLEVR);
+        let row = |k, macs, ms, acc| SweepRow {
+            k,
+            cnn_macs: macs,
+            cnn_ms_per_image: ms,
+            accuracy: acc,
+            questions_per_s: 100.0,
+        };
+        let has = |img: &image::RgbImage, i| {
+            let RGBColor(r, g, b) = color(i);
+            img.pixels().filter(|p| p.0 == [r, g, b]).count()
+        };
+        let rows = [
+            row(12, 7_945_000, Some(0.101), Some(91.3)),
+            row(6, 6_476_000, Some(0.083), Some(90.9)),
+            row(3, 5_741_000, Some(0.079), Some(80.2)),
+        ];
+        let out = dir.join("sweep.png");
+        draw_sweep(&rows, "sweep", &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (1200, 500));
+        // Both panels: the MACs one in colour 0 (left half), the time one in
+        // colour 1 (right half).
+        let (left, right) = (has(&img, 0), has(&img, 1));
+        assert!(left > 50 && right > 50, "{left} {right}");
+        let RGBColor(r, g, b) = color(1);
+        assert!(
+            img.enumerate_pixels()
+                .filter(|(_, _, p)| p.0 == [r, g, b])
+                .all(|(x, _, _)| x >= 600)
+        );
+        // Burn's engine measures no time: the right panel has no points.
+        let untimed: Vec<_> = rows
+            .iter()
+            .map(|r| SweepRow {
+                cnn_ms_per_image: None,
+                ..r.clone()
+            })
+            .collect();
+        draw_sweep(&untimed, "sweep", &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        assert!(has(&img, 0) > 50 && has(&img, 1) == 0);
+        // No accuracy (a VQA test split): an error naming the file.
+        let blind: Vec<_> = rows
+            .iter()
+            .map(|r| SweepRow {
+                accuracy: None,
+                ..r.clone()
+            })
+            .collect();
+        let e = draw_sweep(&blind, "t", &dir.join("blind.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blind.png") && e.contains("no accuracy"), "{e}");
+        assert!(!dir.join("blind.png").exists());
     }
 }
