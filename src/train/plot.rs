@@ -269,7 +269,7 @@ pub fn draw_sweep(rows: &[SweepRow], title: &str, out: &Path) -> Result<(), Trai
         }
         // The line goes from the largest k down, so a timing that does not
         // fall with k shows as the line turning back.
-        p.sort_by(|a, b| b.0.cmp(&a.0));
+        p.sort_by_key(|q| std::cmp::Reverse(q.0));
         // From 0, so the ratio between two k reads off the axis.
         let x_max = p.iter().map(|q| q.1).fold(0.0, f64::max) * 1.15;
         let mut chart = ChartBuilder::on(area)
