@@ -380,6 +380,9 @@ impl moevqa::train::run::Progress for BarProgress {
             None => eprintln!("resuming after epoch {epochs}"),
         }
     }
+    fn note(&mut self, text: &str) {
+        eprintln!("note: {text}");
+    }
     fn end_epoch(&mut self, line: &moevqa::train::run::EpochSummary) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();

@@ -261,3 +261,44 @@ fn a_run_killed_after_a_mid_epoch_checkpoint_resumes_from_it() {
     assert_eq!(saved_epoch(&killed), Some(2));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn a_resume_may_add_mid_epoch_checkpoints() {
+    let root = fresh_dir("faults-add-mid");
+    let data = root.join("data");
+    generate(&data, "24");
+    let d = data.to_str().unwrap();
+    let run = root.join("run");
+    let r = run.to_str().unwrap();
+    // A run started without mid-epoch checkpoints ...
+    ok(moevqa(&train_args(d, r, "1")));
+    // ... resumed with them: said on stderr, kept in the config, and the
+    // next epoch checkpoints inside (seen by stopping it there).
+    let mut more = train_args(d, r, "3");
+    more.extend(["--checkpoint-every", "64", "--resume"]);
+    kill_when(&more, Duration::ZERO, || saved_partial(&run).is_some());
+    let partial = saved_partial(&run).expect("a checkpoint inside epoch 2");
+    assert_eq!(partial["epoch"], 1, "{partial}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["checkpoint_every"], 64);
+    // Resumed again with the same flags: no note, the run ends.
+    let out = ok(moevqa(&more));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("note:"), "{said}");
+    assert_eq!(metric_lines(&run).len(), 3);
+    // Back to epoch-end checkpoints only: said once more.
+    let mut fewer = train_args(d, r, "4");
+    fewer.push("--resume");
+    let out = ok(moevqa(&fewer));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("note: --checkpoint-every changes from 64 to 0"),
+        "{said}"
+    );
+    // Any other setting still has to match.
+    let mut other = train_args(d, r, "5");
+    other.extend(["--resume", "--k", "6"]);
+    assert_error_after_progress(&moevqa(&other), "--k (saved 12, given 6)");
+    std::fs::remove_dir_all(&root).unwrap();
+}

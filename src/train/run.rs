@@ -169,6 +169,10 @@ pub trait Progress {
     fn resumed(&mut self, epochs: usize, partial: Option<&PartialEpoch>) {
         let _ = (epochs, partial);
     }
+    /// Something the user should know about this run (one line).
+    fn note(&mut self, text: &str) {
+        let _ = text;
+    }
 }
 
 /// Trains (or resumes) a Relation Network run. `device` is the plain device;
@@ -182,14 +186,22 @@ pub fn train(
 ) -> Result<Vec<EpochLine>, TrainError> {
     cfg.validate()?;
     let paths = RunPaths::new(out);
-    // Everything but the number of epochs must match (a resume may extend a run).
-    let resuming = open_run_dir(&paths, resume, |saved: RunConfig| {
+    // Everything but the number of epochs and the mid-epoch checkpoints
+    // must match (a resume may extend a run, or checkpoint it more often).
+    let saved = open_run_dir(&paths, resume, |saved: &RunConfig| {
         let given = RunConfig {
             epochs: saved.epochs,
+            checkpoint_every: saved.checkpoint_every,
             ..cfg.clone()
         };
-        settings_diff(&saved, &given)
+        settings_diff(saved, &given)
     })?;
+    let resuming = saved.is_some();
+    if let Some(note) =
+        saved.and_then(|s| new_checkpoints(s.checkpoint_every, cfg.checkpoint_every))
+    {
+        progress.note(&note);
+    }
     let train_split = ClevrSplit::open(&cfg.data, "train")?;
     let val_split = ClevrSplit::open(&cfg.data, "val").ok();
     let vocab = if resuming {
@@ -329,15 +341,29 @@ pub fn settings_diff<T: Serialize>(saved: &T, given: &T) -> Vec<String> {
         .collect()
 }
 
+/// What a resume that changes `--checkpoint-every` from `saved` to `given`
+/// says (None when it does not change it). Allowed, so that a long run
+/// started without mid-epoch checkpoints can get them; from there on its
+/// dropout draws are those of a run with the new setting.
+pub fn new_checkpoints(saved: usize, given: usize) -> Option<String> {
+    (saved != given).then(|| {
+        format!(
+            "--checkpoint-every changes from {saved} to {given}: from this checkpoint on the run \
+             reseeds at the new checkpoints, as a run started with --checkpoint-every {given} does"
+        )
+    })
+}
+
 /// Creates the run directory and checks it: a run already there needs
 /// `resume`, and a resumed run's saved config must give no difference
 /// under `differs` (given the saved config: the settings that differ,
-/// [`settings_diff`]). Returns whether a checkpoint is resumed.
+/// [`settings_diff`]). Returns the saved config when a checkpoint is
+/// resumed.
 pub fn open_run_dir<C: serde::de::DeserializeOwned>(
     paths: &RunPaths,
     resume: bool,
-    differs: impl FnOnce(C) -> Vec<String>,
-) -> Result<bool, TrainError> {
+    differs: impl FnOnce(&C) -> Vec<String>,
+) -> Result<Option<C>, TrainError> {
     let out = &paths.root;
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let resuming = resume && has_checkpoint(&paths.checkpoint);
@@ -351,7 +377,7 @@ pub fn open_run_dir<C: serde::de::DeserializeOwned>(
         let text = std::fs::read_to_string(&paths.config).map_err(|e| io_err(&paths.config, e))?;
         let saved: C = serde_json::from_str(&text)
             .map_err(|e| io_err(&paths.config, format!("not a run config of this kind: {e}")))?;
-        let diff = differs(saved);
+        let diff = differs(&saved);
         if !diff.is_empty() {
             return Err(TrainError::Input(format!(
                 "{}: saved with other settings than given now: {}; resume with the same flags",
@@ -359,8 +385,9 @@ pub fn open_run_dir<C: serde::de::DeserializeOwned>(
                 diff.join(", ")
             )));
         }
+        return Ok(Some(saved));
     }
-    Ok(resuming)
+    Ok(None)
 }
 
 /// After an epoch: the checkpoint (with `line` as its metrics), then the
