@@ -10,7 +10,7 @@
 # 5: 196,000 questions an epoch, 20 epochs, k = 12 and 6 side by side on one
 # thread each; about 12 hours of both cores on the Xeon, 10 on Zen 5): run
 # the step again after an interruption and both runs continue from their
-# last checkpoints.
+# last checkpoints, at most a tenth of an epoch back.
 # Usage: bench/results.sh [OUT] [STEP...] (steps: demo clevr2d vqa2 soc soc1k
 # socfull; default the first three). Each step writes JSON to OUT.
 set -euo pipefail
@@ -56,7 +56,8 @@ for step in $STEPS; do
     pids=()
     for k in 12 6; do
       RAYON_NUM_THREADS=1 $B train --data "$OUT/socfull-data" --out "$OUT/socfull-k$k" --k $k \
-        --epochs 20 --batch 64 --lr 2.5e-4 --image-size 75 --resume > "$OUT/socfull-k$k.log" 2>&1 &
+        --epochs 20 --batch 64 --lr 2.5e-4 --image-size 75 --checkpoint-every 19584 --resume \
+        >> "$OUT/socfull-k$k.log" 2>&1 &
       pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p"; done
