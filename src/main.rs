@@ -258,9 +258,10 @@ struct TrainArgs {
     warmup_epochs: usize,
     /// Also checkpoint inside each epoch, every this many questions (0:
     /// at epoch ends only): a killed run then resumes from the last of
-    /// them, with the same result as a run never stopped.
-    #[arg(long, default_value_t = 0)]
-    checkpoint_every: usize,
+    /// them, with the same result as a run never stopped. Default 0, or
+    /// on --resume the run's own.
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
     #[arg(long, default_value_t = 256)]
     g_dim: usize,
     #[arg(long, default_value_t = 256)]
@@ -477,6 +478,16 @@ fn new_progress() -> BarProgress {
 }
 
 fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
+    // Left out on --resume: the run keeps its own (a resume that changes it
+    // is allowed and says so).
+    let checkpoint_every = a
+        .checkpoint_every
+        .or_else(|| {
+            a.resume
+                .then(|| moevqa::train::run::saved_checkpoint_every(&a.out))
+                .flatten()
+        })
+        .unwrap_or(0);
     match a.dataset.as_str() {
         "clevr" => {}
         "vqa2" => {
@@ -492,7 +503,7 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
                 image_size: a.image_size,
                 balance_weight: a.balance_weight,
                 warmup_epochs: a.warmup_epochs,
-                checkpoint_every: a.checkpoint_every,
+                checkpoint_every,
                 question_dim: a.question_dim,
                 layout: a.layout,
                 embed_dim: a.embed_dim,
@@ -531,7 +542,7 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
         g_dim: a.g_dim,
         f_dim: a.f_dim,
         question_dim: a.question_dim.unwrap_or(128),
-        checkpoint_every: a.checkpoint_every,
+        checkpoint_every,
     };
     let lines = moevqa::train::run::train(&cfg, &a.out, a.resume, device, &mut new_progress())?;
     print_json_lines(a.json, &lines)
@@ -556,6 +567,20 @@ fn check_png_out(out: &std::path::Path) -> Result<()> {
             out.display(),
             dir.display()
         );
+    }
+    if out.is_dir() {
+        bail!("{}: is a folder; expected a PNG file name", out.display());
+    }
+    // Writable? Open it without truncating, and remove it again if this
+    // made it.
+    let existed = out.exists();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(out)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
+    if !existed {
+        let _ = std::fs::remove_file(out);
     }
     Ok(())
 }
@@ -1703,6 +1728,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             let vqa = run_kind(&run, dataset.as_deref())? == "vqa2";
             let split = split.unwrap_or_else(|| if vqa { "val2014" } else { "val" }.into());
+            if plot.is_some() && vqa && !moevqa::data::vqa2::has_annotations(&split) {
+                bail!("--plot: {split} has no annotations, so no accuracy to plot (use val2014)");
+            }
             let mut rows = Vec::with_capacity(sweep.len());
             for (i, &k) in sweep.iter().enumerate() {
                 let inf = Inference { k, ..base };

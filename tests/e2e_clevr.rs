@@ -201,13 +201,18 @@ fn generate_train_eval_predict_answer_resume() {
         &moevqa(&["eval", "--run", r, "--data", d, "--k", "0"]),
         "--k 0",
     );
-    // A plot that cannot be written is refused before the evaluation.
-    for bad in ["sweep.txt", "no/such/dir/sweep.png"] {
+    // A plot that cannot be written is refused before the evaluation (no
+    // report on stdout).
+    std::fs::create_dir_all(root.join("a-folder.png")).unwrap();
+    for bad in ["sweep.txt", "no/such/dir/sweep.png", "a-folder.png"] {
         let bad = root.join(bad);
         let b = bad.to_str().unwrap();
-        assert_one_line_error(
-            &moevqa(&["eval", "--run", r, "--data", d, "--k", "3", "--plot", b]),
-            b,
+        let out = moevqa(&["eval", "--run", r, "--data", d, "--k", "3", "--plot", b]);
+        assert_one_line_error(&out, b);
+        assert!(
+            out.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
         );
     }
 

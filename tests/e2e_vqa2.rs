@@ -145,6 +145,20 @@ fn generate_train_eval_predict_score_answer() {
     assert_eq!(lines.len(), 2);
     // --json keeps stdout JSON only; the plot is written beside it.
     assert_eq!(image::open(&png).unwrap().width(), 1200);
+    // A split without answers has no accuracy to plot: refused at once.
+    let out = moevqa(&[
+        "eval",
+        "--run",
+        r,
+        "--data",
+        d,
+        "--split",
+        "test2015",
+        "--plot",
+        png.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "--plot: test2015 has no annotations");
+    assert!(out.stdout.is_empty());
     assert_eq!(lines[0]["k"], 8);
     for key in ["k", "accuracy", "expert_usage", "cnn_macs_per_image"] {
         assert_eq!(lines[1][key], ev[key], "{key}");

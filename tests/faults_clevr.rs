@@ -270,35 +270,50 @@ fn a_resume_may_add_mid_epoch_checkpoints() {
     let d = data.to_str().unwrap();
     let run = root.join("run");
     let r = run.to_str().unwrap();
-    // A run started without mid-epoch checkpoints ...
+    let saved_every = || {
+        let text = std::fs::read_to_string(run.join("config.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["checkpoint_every"].clone()
+    };
+    let resume = |epochs: &'static str, extra: &[&'static str]| {
+        let mut a = train_args(d, r, epochs);
+        a.push("--resume");
+        a.extend(extra);
+        a
+    };
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    // A run started without mid-epoch checkpoints, resumed with them: said
+    // on stderr and kept in the config.
     ok(moevqa(&train_args(d, r, "1")));
-    // ... resumed with them: said on stderr, kept in the config, and the
-    // next epoch checkpoints inside (seen by stopping it there).
-    let mut more = train_args(d, r, "3");
-    more.extend(["--checkpoint-every", "64", "--resume"]);
-    kill_when(&more, Duration::ZERO, || saved_partial(&run).is_some());
-    let partial = saved_partial(&run).expect("a checkpoint inside epoch 2");
-    assert_eq!(partial["epoch"], 1, "{partial}");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["checkpoint_every"], 64);
-    // Resumed again with the same flags: no note, the run ends.
-    let out = ok(moevqa(&more));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(!said.contains("note:"), "{said}");
-    assert_eq!(metric_lines(&run).len(), 3);
-    // Back to epoch-end checkpoints only: said once more.
-    let mut fewer = train_args(d, r, "4");
-    fewer.push("--resume");
-    let out = ok(moevqa(&fewer));
-    let said = String::from_utf8_lossy(&out.stderr);
+    let said = stderr(&ok(moevqa(&resume("2", &["--checkpoint-every", "64"]))));
     assert!(
-        said.contains("note: --checkpoint-every changes from 64 to 0"),
+        said.contains("note: --checkpoint-every changes from 0 to 64"),
         "{said}"
     );
+    assert_eq!(saved_every(), 64);
+    // Left out on the next resume, the run keeps its own: it checkpoints
+    // inside epoch 3 (seen by stopping it there).
+    kill_when(&resume("3", &[]), Duration::ZERO, || {
+        saved_partial(&run).is_some()
+    });
+    let partial = saved_partial(&run).expect("a checkpoint inside epoch 3");
+    assert_eq!(partial["epoch"], 2, "{partial}");
+    // Changed again on a resume inside the epoch: said, and the run ends.
+    let said = stderr(&ok(moevqa(&resume("3", &["--checkpoint-every", "96"]))));
+    assert!(
+        said.contains("note: --checkpoint-every changes from 64 to 96")
+            && said.contains("resuming after epoch 2 and"),
+        "{said}"
+    );
+    assert_eq!(metric_lines(&run).len(), 3);
+    assert_eq!(saved_every(), 96);
+    // The same again: no note.
+    let said = stderr(&ok(moevqa(&resume("4", &[]))));
+    assert!(!said.contains("note:"), "{said}");
+    assert_eq!((metric_lines(&run).len(), saved_every()), (4, 96.into()));
     // Any other setting still has to match.
-    let mut other = train_args(d, r, "5");
-    other.extend(["--resume", "--k", "6"]);
-    assert_error_after_progress(&moevqa(&other), "--k (saved 12, given 6)");
+    assert_error_after_progress(
+        &moevqa(&resume("5", &["--k", "6"])),
+        "--k (saved 12, given 6)",
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -414,6 +414,10 @@ mod tests {
         draw_sweep(&untimed, "sweep", &out).unwrap();
         let img = image::open(&out).unwrap().to_rgb8();
         assert!(has(&img, 0) > 50 && has(&img, 1) == 0);
+        // One k: its point in each panel, no empty axis.
+        draw_sweep(&rows[..1], "one k", &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        assert!(has(&img, 0) > 20 && has(&img, 1) > 20);
         // No accuracy (a VQA test split): an error naming the file.
         let blind: Vec<_> = rows
             .iter()

@@ -155,6 +155,16 @@ pub fn load_config(path: &Path) -> Result<RunConfig, TrainError> {
     serde_json::from_str(&text).map_err(|e| io_err(path, format!("not a run config: {e}")))
 }
 
+/// The `checkpoint_every` saved in the run directory `out` (either kind of
+/// run; 0 for a run saved before the setting existed), or None where no
+/// readable config is there.
+pub fn saved_checkpoint_every(out: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(RunPaths::new(out).config).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let every = v.get("checkpoint_every").map_or(Some(0), |e| e.as_u64());
+    every.and_then(|e| usize::try_from(e).ok())
+}
+
 /// Progress callbacks of [`train`].
 pub trait Progress {
     /// Start of an epoch of `total` questions, `done` of them already
@@ -343,13 +353,15 @@ pub fn settings_diff<T: Serialize>(saved: &T, given: &T) -> Vec<String> {
 
 /// What a resume that changes `--checkpoint-every` from `saved` to `given`
 /// says (None when it does not change it). Allowed, so that a long run
-/// started without mid-epoch checkpoints can get them; from there on its
-/// dropout draws are those of a run with the new setting.
+/// started without mid-epoch checkpoints can get them. Up to its first new
+/// checkpoint (or the epoch's end) a run resumed inside an epoch draws from
+/// the resumed point's seed, as neither setting's unstopped run would;
+/// after it, as a run with the new setting.
 pub fn new_checkpoints(saved: usize, given: usize) -> Option<String> {
     (saved != given).then(|| {
         format!(
-            "--checkpoint-every changes from {saved} to {given}: from this checkpoint on the run \
-             reseeds at the new checkpoints, as a run started with --checkpoint-every {given} does"
+            "--checkpoint-every changes from {saved} to {given}: from its first new checkpoint \
+             (or the next epoch) on, the run draws as one started with --checkpoint-every {given}"
         )
     })
 }
@@ -380,7 +392,7 @@ pub fn open_run_dir<C: serde::de::DeserializeOwned>(
         let diff = differs(&saved);
         if !diff.is_empty() {
             return Err(TrainError::Input(format!(
-                "{}: saved with other settings than given now: {}; resume with the same flags",
+                "{}: saved with other settings than given now: {}; resume with the same flags (only --epochs and --checkpoint-every may change)",
                 paths.config.display(),
                 diff.join(", ")
             )));
