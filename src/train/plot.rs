@@ -404,13 +404,17 @@ mod tests {
                 .all(|(x, _, _)| x >= 600)
         );
         // Burn's engine measures no time: the right panel has no points.
-        let untimed: Vec<_> = rows
-            .iter()
-            .map(|r| SweepRow {
-                cnn_ms_per_image: None,
-                ..r.clone()
-            })
-            .collect();
+        // The rows with one field changed.
+        let with = |f: fn(&mut SweepRow)| -> Vec<SweepRow> {
+            rows.iter()
+                .cloned()
+                .map(|mut r| {
+                    f(&mut r);
+                    r
+                })
+                .collect()
+        };
+        let untimed = with(|r| r.cnn_ms_per_image = None);
         draw_sweep(&untimed, "sweep", &out).unwrap();
         let img = image::open(&out).unwrap().to_rgb8();
         assert!(has(&img, 0) > 50 && has(&img, 1) == 0);
@@ -419,13 +423,7 @@ mod tests {
         let img = image::open(&out).unwrap().to_rgb8();
         assert!(has(&img, 0) > 20 && has(&img, 1) > 20);
         // No accuracy (a VQA test split): an error naming the file.
-        let blind: Vec<_> = rows
-            .iter()
-            .map(|r| SweepRow {
-                accuracy: None,
-                ..r.clone()
-            })
-            .collect();
+        let blind = with(|r| r.accuracy = None);
         let e = draw_sweep(&blind, "t", &dir.join("blind.png"))
             .unwrap_err()
             .to_string();

@@ -196,22 +196,7 @@ pub fn train(
 ) -> Result<Vec<EpochLine>, TrainError> {
     cfg.validate()?;
     let paths = RunPaths::new(out);
-    // Everything but the number of epochs and the mid-epoch checkpoints
-    // must match (a resume may extend a run, or checkpoint it more often).
-    let saved = open_run_dir(&paths, resume, |saved: &RunConfig| {
-        let given = RunConfig {
-            epochs: saved.epochs,
-            checkpoint_every: saved.checkpoint_every,
-            ..cfg.clone()
-        };
-        settings_diff(saved, &given)
-    })?;
-    let resuming = saved.is_some();
-    if let Some(note) =
-        saved.and_then(|s| new_checkpoints(s.checkpoint_every, cfg.checkpoint_every))
-    {
-        progress.note(&note);
-    }
+    let resuming = open_run_dir(&paths, resume, cfg, progress)?;
     let train_split = ClevrSplit::open(&cfg.data, "train")?;
     let val_split = ClevrSplit::open(&cfg.data, "val").ok();
     let vocab = if resuming {
@@ -366,16 +351,21 @@ pub fn new_checkpoints(saved: usize, given: usize) -> Option<String> {
     })
 }
 
+/// The settings a resume may change: it may extend a run, or change how
+/// often it checkpoints inside an epoch ([`new_checkpoints`]).
+const RESUMABLE: [&str; 2] = ["epochs", "checkpoint_every"];
+
 /// Creates the run directory and checks it: a run already there needs
-/// `resume`, and a resumed run's saved config must give no difference
-/// under `differs` (given the saved config: the settings that differ,
-/// [`settings_diff`]). Returns the saved config when a checkpoint is
-/// resumed.
-pub fn open_run_dir<C: serde::de::DeserializeOwned>(
+/// `resume`, and a resumed run's saved config must equal `given` but for
+/// [`RESUMABLE`] (else an error naming each flag that differs,
+/// [`settings_diff`]); a changed `checkpoint_every` is told to `progress`.
+/// Returns whether a checkpoint is resumed.
+pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
     paths: &RunPaths,
     resume: bool,
-    differs: impl FnOnce(&C) -> Vec<String>,
-) -> Result<Option<C>, TrainError> {
+    given: &C,
+    progress: &mut dyn Progress,
+) -> Result<bool, TrainError> {
     let out = &paths.root;
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let resuming = resume && has_checkpoint(&paths.checkpoint);
@@ -387,9 +377,27 @@ pub fn open_run_dir<C: serde::de::DeserializeOwned>(
     }
     if resuming {
         let text = std::fs::read_to_string(&paths.config).map_err(|e| io_err(&paths.config, e))?;
-        let saved: C = serde_json::from_str(&text)
-            .map_err(|e| io_err(&paths.config, format!("not a run config of this kind: {e}")))?;
-        let diff = differs(&saved);
+        let not_config = |e: &dyn std::fmt::Display| {
+            io_err(&paths.config, format!("not a run config of this kind: {e}"))
+        };
+        let saved: C = serde_json::from_str(&text).map_err(|e| not_config(&e))?;
+        let (serde_json::Value::Object(mut saved), serde_json::Value::Object(mut given)) = (
+            serde_json::to_value(&saved).map_err(|e| not_config(&e))?,
+            serde_json::to_value(given).map_err(|e| not_config(&e))?,
+        ) else {
+            return Err(not_config(&"not an object"));
+        };
+        let every = |m: &serde_json::Map<_, serde_json::Value>| {
+            m.get("checkpoint_every")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0) as usize
+        };
+        let note = new_checkpoints(every(&saved), every(&given));
+        for key in RESUMABLE {
+            saved.remove(key);
+            given.remove(key);
+        }
+        let diff = settings_diff(&saved, &given);
         if !diff.is_empty() {
             return Err(TrainError::Input(format!(
                 "{}: saved with other settings than given now: {}; resume with the same flags (only --epochs and --checkpoint-every may change)",
@@ -397,9 +405,11 @@ pub fn open_run_dir<C: serde::de::DeserializeOwned>(
                 diff.join(", ")
             )));
         }
-        return Ok(Some(saved));
+        if let Some(note) = note {
+            progress.note(&note);
+        }
     }
-    Ok(None)
+    Ok(resuming)
 }
 
 /// After an epoch: the checkpoint (with `line` as its metrics), then the

@@ -35,8 +35,7 @@ use crate::train::checkpoint::{PartialEpoch, TrainState, has_checkpoint, load_ch
 use crate::train::clevr::{OnBatch, adam, argmax_rows};
 use crate::train::run::{
     EpochSummary, MidEpochSchedule, Progress, RunPaths, begin_epoch, check_resumed_epoch,
-    epoch_seed, io_err, new_checkpoints, open_run_dir, record_epoch, resume_from, save_mid_epoch,
-    settings_diff,
+    epoch_seed, io_err, open_run_dir, record_epoch, resume_from, save_mid_epoch,
 };
 use crate::train::{Inference, TrainError};
 
@@ -389,20 +388,7 @@ pub fn train_vqa(
 ) -> Result<Vec<VqaEpochLine>, TrainError> {
     cfg.validate()?;
     let paths = RunPaths::new(out);
-    let saved = open_run_dir(&paths, resume, |saved: &VqaRunConfig| {
-        let given = VqaRunConfig {
-            epochs: saved.epochs,
-            checkpoint_every: saved.checkpoint_every,
-            ..cfg.clone()
-        };
-        settings_diff(saved, &given)
-    })?;
-    let resuming = saved.is_some();
-    if let Some(note) =
-        saved.and_then(|s| new_checkpoints(s.checkpoint_every, cfg.checkpoint_every))
-    {
-        progress.note(&note);
-    }
+    let resuming = open_run_dir(&paths, resume, cfg, progress)?;
     let train_split = Vqa2Split::open(&cfg.data, &cfg.train_split)?;
     let val_split = Vqa2Split::open(&cfg.data, &cfg.val_split).ok();
     let (words, answers) = if resuming {
