@@ -228,6 +228,7 @@ struct TrainArgs {
     /// Dataset kind: `clevr` (any CLEVR-layout directory: CLEVR v1.0, sort-of-clevr, clevr-2d) or `vqa2` (VQA v2 layout).
     #[arg(long, default_value = "clevr")]
     dataset: String,
+    /// Dataset directory.
     #[arg(long)]
     data: std::path::PathBuf,
     /// Run directory (config, vocabularies, metrics.jsonl, checkpoint).
@@ -244,7 +245,9 @@ struct TrainArgs {
     lr: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Continue from the run's last checkpoint.
+    /// Continue from the run's last checkpoint, with the same settings; only
+    /// --epochs, --checkpoint-every and --data (a moved dataset whose train
+    /// split gives the run's vocabularies) may change.
     #[arg(long)]
     resume: bool,
     /// Model input size (square); default 128 (clevr) or 224 (vqa2).

@@ -376,6 +376,18 @@ fn bad_vqa2_inputs_are_named() {
         &moevqa(&train_args(d, r, &["--glove", glove.to_str().unwrap()])),
         "glove.txt: line 1",
     );
+
+    // A resume on a train split that gives other words than the run's.
+    fresh();
+    ok(moevqa(&train_args(d, r, &[])));
+    let mut qs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&q).unwrap()).unwrap();
+    qs["questions"][0]["question"] = "Is there a xylophone?".into();
+    std::fs::write(&q, serde_json::to_vec(&qs).unwrap()).unwrap();
+    assert_error_after_progress(
+        &moevqa(&train_args(d, r, &["--resume"])),
+        "its train split gives other word or answer vocabularies than the run's",
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }
 

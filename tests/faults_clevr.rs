@@ -317,3 +317,52 @@ fn a_resume_may_add_mid_epoch_checkpoints() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn a_resumed_run_may_read_its_data_from_elsewhere() {
+    let root = fresh_dir("faults-moved-data");
+    let data = root.join("data");
+    generate(&data, "3");
+    let run = root.join("run");
+    let r = run.to_str().unwrap();
+    ok(moevqa(&train_args(data.to_str().unwrap(), r, "1")));
+    // The dataset moved: the run goes on from it, says so, and keeps the
+    // new place for its next resume.
+    let moved = root.join("moved");
+    std::fs::rename(&data, &moved).unwrap();
+    let m = moved.to_str().unwrap();
+    let mut resume = train_args(m, r, "2");
+    resume.push("--resume");
+    let out = ok(moevqa(&resume));
+    let said = String::from_utf8_lossy(&out.stderr);
+    let note = format!("note: --data changes from {} to {m}", data.display());
+    assert!(said.contains(&note), "{said}");
+    assert_eq!(metric_lines(&run).len(), 2);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["data"], m);
+    // Another dataset (other words and answers) is refused, and the run is
+    // left as it was.
+    let other = root.join("other");
+    ok(moevqa(&[
+        "generate",
+        "clevr-2d",
+        "--out",
+        other.to_str().unwrap(),
+        "--train-images",
+        "3",
+        "--val-images",
+        "2",
+    ]));
+    let mut elsewhere = train_args(other.to_str().unwrap(), r, "3");
+    elsewhere.push("--resume");
+    assert_error_after_progress(
+        &moevqa(&elsewhere),
+        "its train split gives other word or answer vocabularies than the run's",
+    );
+    assert_eq!(metric_lines(&run).len(), 2);
+    let kept: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(kept, cfg);
+    std::fs::remove_dir_all(&root).unwrap();
+}

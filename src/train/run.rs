@@ -199,10 +199,13 @@ pub fn train(
     let resuming = open_run_dir(&paths, resume, cfg, progress)?;
     let train_split = ClevrSplit::open(&cfg.data, "train")?;
     let val_split = ClevrSplit::open(&cfg.data, "val").ok();
+    let built = RunVocab::from_train(&train_split);
     let vocab = if resuming {
-        RunVocab::load(&paths.vocab)?
+        let saved = RunVocab::load(&paths.vocab)?;
+        check_same_vocab(&saved, &built, &cfg.data, &paths.vocab)?;
+        saved
     } else {
-        RunVocab::from_train(&train_split)
+        built
     };
     write_json_atomic(&paths.config, cfg)?;
     if !resuming {
@@ -351,15 +354,52 @@ pub fn new_checkpoints(saved: usize, given: usize) -> Option<String> {
     })
 }
 
-/// The settings a resume may change: it may extend a run, or change how
-/// often it checkpoints inside an epoch ([`new_checkpoints`]).
-const RESUMABLE: [&str; 2] = ["epochs", "checkpoint_every"];
+/// What a resume that reads its data from `given` instead of `saved` says
+/// (None when the path is the same). Allowed, so that a dataset moved (to
+/// another disk, another machine) or named another way (relative or
+/// absolute) does not strand a run; the trainer then checks that the new
+/// train split gives the run's saved vocabularies ([`check_same_vocab`]).
+pub fn moved_data(saved: &str, given: &str) -> Option<String> {
+    (saved != given).then(|| {
+        format!(
+            "--data changes from {saved} to {given}: the run goes on if that train split gives \
+             the run's saved vocabularies"
+        )
+    })
+}
+
+/// On a resume, the vocabularies built from the given train split (`built`)
+/// must be those saved with the run (`saved`, read from `file`, the
+/// vocabulary file or the run directory that holds them): the model's
+/// embedding and answer layer are sized and indexed by them, and a dataset
+/// whose words or answers differ is another dataset.
+pub fn check_same_vocab<V: PartialEq>(
+    saved: &V,
+    built: &V,
+    data: &Path,
+    file: &Path,
+) -> Result<(), TrainError> {
+    if saved == built {
+        return Ok(());
+    }
+    Err(TrainError::Input(format!(
+        "--data {}: its train split gives other word or answer vocabularies than the run's {}; \
+         resume on the data the run was trained on",
+        data.display(),
+        file.display()
+    )))
+}
+
+/// The settings a resume may change: it may extend a run, change how often
+/// it checkpoints inside an epoch ([`new_checkpoints`]), or read its data
+/// from another place ([`moved_data`]).
+const RESUMABLE: [&str; 3] = ["epochs", "checkpoint_every", "data"];
 
 /// Creates the run directory and checks it: a run already there needs
 /// `resume`, and a resumed run's saved config must equal `given` but for
 /// [`RESUMABLE`] (else an error naming each flag that differs,
-/// [`settings_diff`]); a changed `checkpoint_every` is told to `progress`.
-/// Returns whether a checkpoint is resumed.
+/// [`settings_diff`]); a changed `checkpoint_every` or `data` is told to
+/// `progress`. Returns whether a checkpoint is resumed.
 pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
     paths: &RunPaths,
     resume: bool,
@@ -392,7 +432,16 @@ pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
                 .and_then(|v| v.as_u64())
                 .unwrap_or(0) as usize
         };
-        let note = new_checkpoints(every(&saved), every(&given));
+        let data = |m: &serde_json::Map<_, serde_json::Value>| {
+            m.get("data")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let notes = [
+            new_checkpoints(every(&saved), every(&given)),
+            moved_data(&data(&saved), &data(&given)),
+        ];
         for key in RESUMABLE {
             saved.remove(key);
             given.remove(key);
@@ -400,13 +449,13 @@ pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
         let diff = settings_diff(&saved, &given);
         if !diff.is_empty() {
             return Err(TrainError::Input(format!(
-                "{}: saved with other settings than given now: {}; resume with the same flags (only --epochs and --checkpoint-every may change)",
+                "{}: saved with other settings than given now: {}; resume with the same flags (only --epochs, --checkpoint-every and --data may change)",
                 paths.config.display(),
                 diff.join(", ")
             )));
         }
-        if let Some(note) = note {
-            progress.note(&note);
+        for note in notes.iter().flatten() {
+            progress.note(note);
         }
     }
     Ok(resuming)

@@ -35,7 +35,7 @@ use crate::train::checkpoint::{PartialEpoch, TrainState, has_checkpoint, load_ch
 use crate::train::clevr::{OnBatch, adam, argmax_rows};
 use crate::train::run::{
     EpochSummary, MidEpochSchedule, Progress, RunPaths, begin_epoch, check_resumed_epoch,
-    epoch_seed, io_err, open_run_dir, record_epoch, resume_from, save_mid_epoch,
+    check_same_vocab, epoch_seed, io_err, open_run_dir, record_epoch, resume_from, save_mid_epoch,
 };
 use crate::train::{Inference, TrainError};
 
@@ -391,22 +391,26 @@ pub fn train_vqa(
     let resuming = open_run_dir(&paths, resume, cfg, progress)?;
     let train_split = Vqa2Split::open(&cfg.data, &cfg.train_split)?;
     let val_split = Vqa2Split::open(&cfg.data, &cfg.val_split).ok();
-    let (words, answers) = if resuming {
-        load_vocab(out)?
-    } else {
-        let words = Vocab::words(train_split.questions.iter().map(|q| q.question.as_str()), 1);
-        let answers = AnswerVocab::build(
+    let built = (
+        Vocab::words(train_split.questions.iter().map(|q| q.question.as_str()), 1),
+        AnswerVocab::build(
             &[&train_split],
             cfg.min_answer_count,
             AnswerCounting::HumanPerQuestion,
-        );
-        if answers.is_empty() {
+        ),
+    );
+    let (words, answers) = if resuming {
+        let saved = load_vocab(out)?;
+        check_same_vocab(&saved, &built, &cfg.data, out)?;
+        saved
+    } else {
+        if built.1.is_empty() {
             return Err(TrainError::Input(format!(
                 "--min-answer-count {}: no answer of {} is that frequent",
                 cfg.min_answer_count, cfg.train_split
             )));
         }
-        (words, answers)
+        built
     };
     write_json_atomic(&paths.config, cfg)?;
     if !resuming {
