@@ -319,13 +319,20 @@ fn a_resume_may_add_mid_epoch_checkpoints() {
 }
 
 #[test]
-fn a_resumed_run_may_read_its_data_from_elsewhere() {
+fn a_resume_may_start_a_run_or_read_its_data_from_elsewhere() {
     let root = fresh_dir("faults-moved-data");
     let data = root.join("data");
     generate(&data, "3");
     let run = root.join("run");
     let r = run.to_str().unwrap();
-    ok(moevqa(&train_args(data.to_str().unwrap(), r, "1")));
+    // --resume where no run is yet starts one, and says so (a mistyped
+    // --out must not pass for a resumed run).
+    let mut first = train_args(data.to_str().unwrap(), r, "1");
+    first.push("--resume");
+    let out = ok(moevqa(&first));
+    let said = String::from_utf8_lossy(&out.stderr);
+    let fresh = format!("note: {r} holds no checkpoint: --resume starts a new run there");
+    assert!(said.contains(&fresh), "{said}");
     // The dataset moved: the run goes on from it, says so, and keeps the
     // new place for its next resume.
     let moved = root.join("moved");
@@ -336,7 +343,10 @@ fn a_resumed_run_may_read_its_data_from_elsewhere() {
     let out = ok(moevqa(&resume));
     let said = String::from_utf8_lossy(&out.stderr);
     let note = format!("note: --data changes from {} to {m}", data.display());
-    assert!(said.contains(&note), "{said}");
+    assert!(
+        said.contains(&note) && !said.contains("holds no checkpoint"),
+        "{said}"
+    );
     assert_eq!(metric_lines(&run).len(), 2);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();

@@ -398,8 +398,9 @@ const RESUMABLE: [&str; 3] = ["epochs", "checkpoint_every", "data"];
 /// Creates the run directory and checks it: a run already there needs
 /// `resume`, and a resumed run's saved config must equal `given` but for
 /// [`RESUMABLE`] (else an error naming each flag that differs,
-/// [`settings_diff`]); a changed `checkpoint_every` or `data` is told to
-/// `progress`. Returns whether a checkpoint is resumed.
+/// [`settings_diff`]); a changed `checkpoint_every` or `data`, and a
+/// `resume` that finds no checkpoint, are told to `progress`. Returns
+/// whether a checkpoint is resumed.
 pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
     paths: &RunPaths,
     resume: bool,
@@ -414,6 +415,14 @@ pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
             "{}: already holds a run; pass --resume to continue it or choose another --out",
             out.display()
         )));
+    }
+    if resume && !resuming {
+        // Said, not refused: scripts resume-or-start with one command line,
+        // but a mistyped --out must not pass for a resumed run.
+        progress.note(&format!(
+            "{} holds no checkpoint: --resume starts a new run there",
+            out.display()
+        ));
     }
     if resuming {
         let text = std::fs::read_to_string(&paths.config).map_err(|e| io_err(&paths.config, e))?;
