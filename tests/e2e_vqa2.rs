@@ -386,7 +386,9 @@ fn bad_vqa2_inputs_are_named() {
     std::fs::write(&q, serde_json::to_vec(&qs).unwrap()).unwrap();
     assert_error_after_progress(
         &moevqa(&train_args(d, r, &["--resume"])),
-        "its train split gives other word or answer vocabularies than the run's",
+        &format!(
+            "--data {d}: its train split gives other word or answer vocabularies than the run's {r}"
+        ),
     );
     std::fs::remove_dir_all(&root).unwrap();
 }

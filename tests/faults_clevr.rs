@@ -366,13 +366,20 @@ fn a_resume_may_start_a_run_or_read_its_data_from_elsewhere() {
     ]));
     let mut elsewhere = train_args(other.to_str().unwrap(), r, "3");
     elsewhere.push("--resume");
-    assert_error_after_progress(
-        &moevqa(&elsewhere),
-        "its train split gives other word or answer vocabularies than the run's",
+    let needle = format!(
+        "--data {}: its train split gives other word or answer vocabularies than the run's {}",
+        other.display(),
+        run.join("vocab.json").display()
     );
+    assert_error_after_progress(&moevqa(&elsewhere), &needle);
     assert_eq!(metric_lines(&run).len(), 2);
     let kept: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(kept, cfg);
+    // A run whose checkpoint is gone but whose epochs are recorded is not
+    // started over on --resume.
+    std::fs::remove_dir_all(run.join("checkpoint")).unwrap();
+    assert_one_line_error(&moevqa(&resume), "metrics.jsonl but no complete checkpoint");
+    assert_eq!(metric_lines(&run).len(), 2);
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -417,6 +417,17 @@ pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
         )));
     }
     if resume && !resuming {
+        if paths.metrics.exists() {
+            // Epochs were recorded but their checkpoint is gone or cut short
+            // (a half-copied run directory): starting over would append a
+            // new run's lines to the old ones.
+            return Err(TrainError::Input(format!(
+                "{}: holds {} but no complete checkpoint to resume from; restore {} or choose another --out",
+                out.display(),
+                paths.metrics.display(),
+                paths.checkpoint.display()
+            )));
+        }
         // Said, not refused: scripts resume-or-start with one command line,
         // but a mistyped --out must not pass for a resumed run.
         progress.note(&format!(
