@@ -142,6 +142,11 @@ fn a_diverging_run_stops_with_a_message() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// A run's `config.json`.
+fn saved_config(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()
+}
+
 fn saved_epoch(run: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(run.join("checkpoint/state.json")).ok()?;
     serde_json::from_str::<serde_json::Value>(&text).ok()?["epoch"].as_u64()
@@ -270,10 +275,7 @@ fn a_resume_may_add_mid_epoch_checkpoints() {
     let d = data.to_str().unwrap();
     let run = root.join("run");
     let r = run.to_str().unwrap();
-    let saved_every = || {
-        let text = std::fs::read_to_string(run.join("config.json")).unwrap();
-        serde_json::from_str::<serde_json::Value>(&text).unwrap()["checkpoint_every"].clone()
-    };
+    let saved_every = || saved_config(&run)["checkpoint_every"].clone();
     let resume = |epochs: &'static str, extra: &[&'static str]| {
         let mut a = train_args(d, r, epochs);
         a.push("--resume");
@@ -348,8 +350,7 @@ fn a_resume_may_start_a_run_or_read_its_data_from_elsewhere() {
         "{said}"
     );
     assert_eq!(metric_lines(&run).len(), 2);
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let cfg = saved_config(&run);
     assert_eq!(cfg["data"], m);
     // Another dataset (other words and answers) is refused, and the run is
     // left as it was.
@@ -373,9 +374,7 @@ fn a_resume_may_start_a_run_or_read_its_data_from_elsewhere() {
     );
     assert_error_after_progress(&moevqa(&elsewhere), &needle);
     assert_eq!(metric_lines(&run).len(), 2);
-    let kept: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
-    assert_eq!(kept, cfg);
+    assert_eq!(saved_config(&run), cfg);
     // A run whose checkpoint is gone but whose epochs are recorded is not
     // started over on --resume.
     std::fs::remove_dir_all(run.join("checkpoint")).unwrap();
