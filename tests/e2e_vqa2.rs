@@ -366,7 +366,7 @@ fn bad_vqa2_inputs_are_named() {
         &moevqa(&train_args(d, r, &[])),
         "v2_OpenEnded_mscoco_train2014_questions.json",
     );
-    std::fs::write(&q, q_text).unwrap();
+    std::fs::write(&q, &q_text).unwrap();
 
     // A GloVe file of the wrong width.
     let glove = root.join("glove.txt");
@@ -390,6 +390,22 @@ fn bad_vqa2_inputs_are_named() {
             "--data {d}: its train split gives other word or answer vocabularies than the run's {r}"
         ),
     );
+    // Same words and answers, other questions: the words of the first
+    // question reversed. The saved fingerprint tells the data apart.
+    std::fs::write(&q, &q_text).unwrap();
+    fresh();
+    ok(moevqa(&train_args(d, r, &[])));
+    let mut qs: serde_json::Value = serde_json::from_slice(&q_text).unwrap();
+    let first = qs["questions"][0]["question"].as_str().unwrap().to_string();
+    let words: Vec<&str> = first.trim_end_matches('?').split(' ').rev().collect();
+    assert!(words.len() > 1, "{first}");
+    qs["questions"][0]["question"] = format!("{}?", words.join(" ")).into();
+    std::fs::write(&q, serde_json::to_vec(&qs).unwrap()).unwrap();
+    assert_error_after_progress(
+        &moevqa(&train_args(d, r, &["--resume"])),
+        &format!("--data {d}: its train split ("),
+    );
+    assert_eq!(metric_lines(&run).len(), 1);
     std::fs::remove_dir_all(&root).unwrap();
 }
 
@@ -510,6 +526,30 @@ fn import_resnext_then_train_from_it() {
     let s = args.iter().position(|a| *a == "--image-size").unwrap();
     args[s + 1] = "64";
     ok(moevqa(&args));
+    // A resume need not name the CNN file again (it is read only when the
+    // run starts): it is told so, and the run keeps recording its start.
+    let saved = |key: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(run.join("config.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()[key].clone()
+    };
+    let from = saved("init_cnn");
+    assert_eq!(from, cnn.to_str().unwrap());
+    let i = args.iter().position(|a| *a == "--init-cnn").unwrap();
+    let mut resume = args.clone();
+    resume.drain(i..i + 2);
+    let e = resume.iter().position(|a| *a == "--epochs").unwrap();
+    resume[e + 1] = "2";
+    resume.push("--resume");
+    let out = ok(moevqa(&resume));
+    let said = String::from_utf8_lossy(&out.stderr);
+    let note = format!(
+        "note: --init-cnn is read only when a run starts: this run keeps its {} (given none)",
+        cnn.display()
+    );
+    assert!(said.contains(&note), "{said}");
+    assert_eq!(metric_lines(&run).len(), 2);
+    assert_eq!(saved("init_cnn"), from);
+    assert_eq!(saved("epochs"), 2);
     // A CNN file of other gate sizes is refused, naming the file.
     let _ = std::fs::remove_dir_all(&run);
     let q = args.iter().position(|a| *a == "--question-dim").unwrap();

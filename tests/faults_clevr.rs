@@ -375,10 +375,39 @@ fn a_resume_may_start_a_run_or_read_its_data_from_elsewhere() {
     assert_error_after_progress(&moevqa(&elsewhere), &needle);
     assert_eq!(metric_lines(&run).len(), 2);
     assert_eq!(saved_config(&run), cfg);
+    // Same words and answers, other data: the questions in another order
+    // (the run's batches would differ) are told from the run's data by the
+    // fingerprint saved in data.json, not by the vocabularies.
+    let fingerprint = run.join("data.json");
+    let saved_fp = std::fs::read_to_string(&fingerprint).unwrap();
+    let questions = moved.join("questions/CLEVR_train_questions.json");
+    let mut qs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&questions).unwrap()).unwrap();
+    qs["questions"].as_array_mut().unwrap().reverse();
+    std::fs::write(&questions, serde_json::to_vec(&qs).unwrap()).unwrap();
+    let mut reordered = train_args(m, r, "3");
+    reordered.push("--resume");
+    let needle = format!("--data {m}: its train split (60 questions, crc32 ");
+    let refused = moevqa(&reordered);
+    assert_error_after_progress(&refused, &needle);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("is not the one the run was trained on (60 questions, crc32 ")
+            && said.contains(&format!("in {}); ", fingerprint.display())),
+        "{said}"
+    );
+    assert_eq!(metric_lines(&run).len(), 2);
+    assert_eq!(std::fs::read_to_string(&fingerprint).unwrap(), saved_fp);
+    // The user may accept the new data by removing the file: the run goes
+    // on and records the new fingerprint.
+    std::fs::remove_file(&fingerprint).unwrap();
+    ok(moevqa(&reordered));
+    assert_eq!(metric_lines(&run).len(), 3);
+    assert_ne!(std::fs::read_to_string(&fingerprint).unwrap(), saved_fp);
     // A run whose checkpoint is gone but whose epochs are recorded is not
     // started over on --resume.
     std::fs::remove_dir_all(run.join("checkpoint")).unwrap();
     assert_one_line_error(&moevqa(&resume), "metrics.jsonl but no complete checkpoint");
-    assert_eq!(metric_lines(&run).len(), 2);
+    assert_eq!(metric_lines(&run).len(), 3);
     std::fs::remove_dir_all(&root).unwrap();
 }

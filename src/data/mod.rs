@@ -3,6 +3,7 @@
 pub mod clevr2d;
 pub mod clevr_format;
 pub mod clevr_reader;
+pub mod fingerprint;
 pub mod sort_of_clevr;
 pub mod vqa2;
 pub mod vqa2_gen;

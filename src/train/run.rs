@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::clevr_format::write_json_atomic;
 use crate::data::clevr_reader::ClevrSplit;
+use crate::data::fingerprint::DataFingerprint;
 use crate::kernels::{Engine, EvalCnn};
 use crate::models::RelationNetworkConfig;
 use crate::models::relation_network::DeadUnits;
@@ -130,6 +131,8 @@ pub struct RunPaths {
     pub vocab: PathBuf,
     pub metrics: PathBuf,
     pub checkpoint: PathBuf,
+    /// The train split's fingerprint ([`check_same_data`]).
+    pub data: PathBuf,
 }
 
 impl RunPaths {
@@ -141,6 +144,7 @@ impl RunPaths {
             vocab: root.join("vocab.json"),
             metrics: root.join("metrics.jsonl"),
             checkpoint: root.join("checkpoint"),
+            data: root.join("data.json"),
         }
     }
 }
@@ -196,7 +200,8 @@ pub fn train(
 ) -> Result<Vec<EpochLine>, TrainError> {
     cfg.validate()?;
     let paths = RunPaths::new(out);
-    let resuming = open_run_dir(&paths, resume, cfg, progress)?;
+    let opened = open_run_dir(&paths, resume, cfg, progress)?;
+    let resuming = opened.resuming;
     let train_split = ClevrSplit::open(&cfg.data, "train")?;
     let val_split = ClevrSplit::open(&cfg.data, "val").ok();
     let built = RunVocab::from_train(&train_split);
@@ -207,7 +212,8 @@ pub fn train(
     } else {
         built
     };
-    write_json_atomic(&paths.config, cfg)?;
+    check_same_data(&paths, resuming, &train_split.fingerprint(), &cfg.data)?;
+    opened.save_config(&paths, cfg)?;
     if !resuming {
         write_json_atomic(&paths.vocab, &vocab)?;
     }
@@ -390,23 +396,80 @@ pub fn check_same_vocab<V: PartialEq>(
     )))
 }
 
+/// The train split's fingerprint (`built`, from the data given) against the
+/// one saved with the run in `RUN/data.json`, then saved there. The
+/// vocabulary check ([`check_same_vocab`]) is what the model's shape
+/// needs; this one tells the data a run was trained on from other data
+/// with the same words and answers. A run saved before the file existed
+/// has none to compare: its resume saves the given data's.
+pub fn check_same_data(
+    paths: &RunPaths,
+    resuming: bool,
+    built: &DataFingerprint,
+    data: &Path,
+) -> Result<(), TrainError> {
+    if resuming && paths.data.exists() {
+        let text = std::fs::read_to_string(&paths.data).map_err(|e| io_err(&paths.data, e))?;
+        let saved: DataFingerprint = serde_json::from_str(&text)
+            .map_err(|e| io_err(&paths.data, format!("not a data fingerprint: {e}")))?;
+        if saved != *built {
+            return Err(TrainError::Input(format!(
+                "--data {}: its train split ({built}) is not the one the run was trained on \
+                 ({saved}, in {}); resume on that data, or remove that file to go on with this data",
+                data.display(),
+                paths.data.display()
+            )));
+        }
+        return Ok(());
+    }
+    Ok(write_json_atomic(&paths.data, built)?)
+}
+
 /// The settings a resume may change: it may extend a run, change how often
 /// it checkpoints inside an epoch ([`new_checkpoints`]), or read its data
 /// from another place ([`moved_data`]).
 const RESUMABLE: [&str; 3] = ["epochs", "checkpoint_every", "data"];
 
+/// Settings read only when a run starts (a VQA run's `--glove` and
+/// `--init-cnn`: the checkpoint holds the weights they gave). A resume may
+/// give them otherwise (the file moved, or left out) and is told so; the
+/// run keeps and records its own.
+const START_ONLY: [&str; 2] = ["glove", "init_cnn"];
+
+/// A run directory opened by [`open_run_dir`].
+#[derive(Debug, Default)]
+pub struct OpenedRun {
+    /// Whether a checkpoint is resumed.
+    pub resuming: bool,
+    /// The saved values of [`START_ONLY`] settings, kept on a resume.
+    start_only: serde_json::Map<String, serde_json::Value>,
+}
+
+impl OpenedRun {
+    /// Writes the run's config: `given`, but for the settings a resumed run
+    /// keeps from its start.
+    pub fn save_config<C: Serialize>(&self, paths: &RunPaths, given: &C) -> Result<(), TrainError> {
+        let mut value =
+            serde_json::to_value(given).map_err(|e| io_err(&paths.config, e.to_string()))?;
+        if let serde_json::Value::Object(map) = &mut value {
+            map.extend(self.start_only.clone());
+        }
+        Ok(write_json_atomic(&paths.config, &value)?)
+    }
+}
+
 /// Creates the run directory and checks it: a run already there needs
 /// `resume`, and a resumed run's saved config must equal `given` but for
 /// [`RESUMABLE`] (else an error naming each flag that differs,
-/// [`settings_diff`]); a changed `checkpoint_every` or `data`, and a
-/// `resume` that finds no checkpoint, are told to `progress`. Returns
-/// whether a checkpoint is resumed.
+/// [`settings_diff`]) and for [`START_ONLY`] (kept as saved); a changed
+/// `checkpoint_every`, `data` or start-only setting, and a `resume` that
+/// finds no checkpoint, are told to `progress`.
 pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
     paths: &RunPaths,
     resume: bool,
     given: &C,
     progress: &mut dyn Progress,
-) -> Result<bool, TrainError> {
+) -> Result<OpenedRun, TrainError> {
     let out = &paths.root;
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let resuming = resume && has_checkpoint(&paths.checkpoint);
@@ -458,10 +521,30 @@ pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
                 .unwrap_or_default()
                 .to_string()
         };
-        let notes = [
+        let mut notes = vec![
             new_checkpoints(every(&saved), every(&given)),
             moved_data(&data(&saved), &data(&given)),
         ];
+        let mut start_only = serde_json::Map::new();
+        for key in START_ONLY {
+            let (was, now) = (saved.remove(key), given.remove(key));
+            if was != now {
+                let show = |v: &Option<serde_json::Value>| match v {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(serde_json::Value::Null) | None => "none".into(),
+                    Some(v) => v.to_string(),
+                };
+                let flag = format!("--{}", key.replace('_', "-"));
+                notes.push(Some(format!(
+                    "{flag} is read only when a run starts: this run keeps its {} (given {})",
+                    show(&was),
+                    show(&now)
+                )));
+            }
+            if let Some(v) = was {
+                start_only.insert(key.to_string(), v);
+            }
+        }
         for key in RESUMABLE {
             saved.remove(key);
             given.remove(key);
@@ -477,8 +560,15 @@ pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
         for note in notes.iter().flatten() {
             progress.note(note);
         }
+        return Ok(OpenedRun {
+            resuming,
+            start_only,
+        });
     }
-    Ok(resuming)
+    Ok(OpenedRun {
+        resuming,
+        ..OpenedRun::default()
+    })
 }
 
 /// After an epoch: the checkpoint (with `line` as its metrics), then the

@@ -35,7 +35,8 @@ use crate::train::checkpoint::{PartialEpoch, TrainState, has_checkpoint, load_ch
 use crate::train::clevr::{OnBatch, adam, argmax_rows};
 use crate::train::run::{
     EpochSummary, MidEpochSchedule, Progress, RunPaths, begin_epoch, check_resumed_epoch,
-    check_same_vocab, epoch_seed, io_err, open_run_dir, record_epoch, resume_from, save_mid_epoch,
+    check_same_data, check_same_vocab, epoch_seed, io_err, open_run_dir, record_epoch, resume_from,
+    save_mid_epoch,
 };
 use crate::train::{Inference, TrainError};
 
@@ -388,7 +389,8 @@ pub fn train_vqa(
 ) -> Result<Vec<VqaEpochLine>, TrainError> {
     cfg.validate()?;
     let paths = RunPaths::new(out);
-    let resuming = open_run_dir(&paths, resume, cfg, progress)?;
+    let opened = open_run_dir(&paths, resume, cfg, progress)?;
+    let resuming = opened.resuming;
     let train_split = Vqa2Split::open(&cfg.data, &cfg.train_split)?;
     let val_split = Vqa2Split::open(&cfg.data, &cfg.val_split).ok();
     let built = (
@@ -412,7 +414,8 @@ pub fn train_vqa(
         }
         built
     };
-    write_json_atomic(&paths.config, cfg)?;
+    check_same_data(&paths, resuming, &train_split.fingerprint(), &cfg.data)?;
+    opened.save_config(&paths, cfg)?;
     if !resuming {
         write_json_atomic(
             &paths.vocab,
