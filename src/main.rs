@@ -246,8 +246,10 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Continue from the run's last checkpoint, with the same settings; only
-    /// --epochs, --checkpoint-every and --data (a moved dataset whose train
-    /// split gives the run's vocabularies) may change.
+    /// --epochs, --checkpoint-every and --data (a moved dataset: the same
+    /// train split, checked against RUN/vocab.json and RUN/data.json) may
+    /// change, and --glove / --init-cnn (read only at the start) may be
+    /// left out.
     #[arg(long)]
     resume: bool,
     /// Model input size (square); default 128 (clevr) or 224 (vqa2).
