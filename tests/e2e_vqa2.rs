@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{
     assert_error_after_progress, assert_one_line_error, fresh_dir, kill_when, metric_lines, moevqa,
-    ok, saved_partial, stdout_json, stdout_lines,
+    ok, saved_config, saved_partial, stdout_json, stdout_lines,
 };
 use moevqa::cnn::CnnLayout;
 
@@ -528,10 +528,7 @@ fn import_resnext_then_train_from_it() {
     ok(moevqa(&args));
     // A resume need not name the CNN file again (it is read only when the
     // run starts): it is told so, and the run keeps recording its start.
-    let saved = |key: &str| -> serde_json::Value {
-        let text = std::fs::read_to_string(run.join("config.json")).unwrap();
-        serde_json::from_str::<serde_json::Value>(&text).unwrap()[key].clone()
-    };
+    let saved = |key: &str| saved_config(&run)[key].clone();
     let from = saved("init_cnn");
     assert_eq!(from, cnn.to_str().unwrap());
     let i = args.iter().position(|a| *a == "--init-cnn").unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{
     assert_error_after_progress, assert_one_line_error, fresh_dir, kill_when, metric_lines, moevqa,
-    ok, saved_partial,
+    ok, saved_config, saved_partial,
 };
 
 fn generate(data: &Path, train_images: &str) {
@@ -140,11 +140,6 @@ fn a_diverging_run_stops_with_a_message() {
     // No epoch was recorded as if it had succeeded.
     assert!(!run.join("checkpoint/model.bpk").exists());
     std::fs::remove_dir_all(&root).unwrap();
-}
-
-/// A run's `config.json`.
-fn saved_config(run: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()
 }
 
 fn saved_epoch(run: &Path) -> Option<u64> {

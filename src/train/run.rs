@@ -437,7 +437,7 @@ const RESUMABLE: [&str; 3] = ["epochs", "checkpoint_every", "data"];
 const START_ONLY: [&str; 2] = ["glove", "init_cnn"];
 
 /// A run directory opened by [`open_run_dir`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OpenedRun {
     /// Whether a checkpoint is resumed.
     pub resuming: bool,
@@ -473,6 +473,7 @@ pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
     let out = &paths.root;
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let resuming = resume && has_checkpoint(&paths.checkpoint);
+    let mut start_only = serde_json::Map::new();
     if !resume && (has_checkpoint(&paths.checkpoint) || paths.metrics.exists()) {
         return Err(TrainError::Input(format!(
             "{}: already holds a run; pass --resume to continue it or choose another --out",
@@ -525,7 +526,6 @@ pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
             new_checkpoints(every(&saved), every(&given)),
             moved_data(&data(&saved), &data(&given)),
         ];
-        let mut start_only = serde_json::Map::new();
         for key in START_ONLY {
             let (was, now) = (saved.remove(key), given.remove(key));
             if was != now {
@@ -560,14 +560,10 @@ pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
         for note in notes.iter().flatten() {
             progress.note(note);
         }
-        return Ok(OpenedRun {
-            resuming,
-            start_only,
-        });
     }
     Ok(OpenedRun {
         resuming,
-        ..OpenedRun::default()
+        start_only,
     })
 }
 

@@ -75,6 +75,11 @@ pub fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
     parse_lines(&std::fs::read_to_string(run.join("metrics.jsonl")).unwrap())
 }
 
+/// A run's `config.json`.
+pub fn saved_config(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()
+}
+
 /// A fresh, empty directory for a test.
 pub fn fresh_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("moevqa-{name}-{}", std::process::id()));
