@@ -208,6 +208,9 @@ enum Command {
         /// How the CNN runs: `fast` (the packed CPU path; default on the CPU) or `burn` (Burn's tensor ops; default on a GPU).
         #[arg(long)]
         engine: Option<String>,
+        /// Which checkpoint answers: `last` (RUN/checkpoint) or `best` (RUN/best: the end of the epoch with the best validation).
+        #[arg(long, default_value = "last")]
+        checkpoint: String,
         #[arg(long)]
         json: bool,
     },
@@ -231,7 +234,7 @@ struct TrainArgs {
     /// Dataset directory.
     #[arg(long)]
     data: std::path::PathBuf,
-    /// Run directory (config, vocabularies, metrics.jsonl, checkpoint).
+    /// Run directory (config, vocabularies, metrics.jsonl, checkpoint, best).
     #[arg(long)]
     out: std::path::PathBuf,
     /// Paths kept per block; default P (the dense baseline: 12 for clevr, 32 for vqa2).
@@ -396,8 +399,13 @@ impl moevqa::train::run::Progress for BarProgress {
         let val = line
             .val_accuracy
             .map_or("no val split".to_string(), |v| format!("val {v:.2}%"));
+        let best = if line.best {
+            " (best so far: RUN/best)"
+        } else {
+            ""
+        };
         eprintln!(
-            "epoch {}: loss {:.4}, train {:.2}%, {val}, {:.0} questions/s, lr {:.2e}, batch {}",
+            "epoch {}: loss {:.4}, train {:.2}%, {val}{best}, {:.0} questions/s, lr {:.2e}, batch {}",
             line.epoch,
             line.train_loss,
             line.train_accuracy,
@@ -1124,6 +1132,9 @@ struct RunnerArgs {
     /// How the CNN runs: `fast` (the packed CPU path; default on the CPU) or `burn` (Burn's tensor ops; default on a GPU).
     #[arg(long)]
     engine: Option<String>,
+    /// Which checkpoint answers: `last` (RUN/checkpoint) or `best` (RUN/best: the end of the epoch with the best validation).
+    #[arg(long, default_value = "last")]
+    checkpoint: String,
 }
 
 impl RunnerArgs {
@@ -1136,10 +1147,15 @@ impl RunnerArgs {
             Some(name) => parse_engine(name)?,
             None => moevqa::kernels::Engine::for_device(device),
         };
+        let checkpoint = self
+            .checkpoint
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--checkpoint: {e}"))?;
         Ok(Inference {
             k,
             batch: self.batch,
             engine,
+            checkpoint,
         })
     }
 }
@@ -1679,10 +1695,16 @@ fn run(cli: Cli) -> Result<()> {
             question,
             k,
             engine,
+            checkpoint,
             json,
         } => {
             let device = pick_device(&cli.device)?;
-            let inf = RunnerArgs { batch: 1, engine }.resolve(k, &device)?;
+            let runner = RunnerArgs {
+                batch: 1,
+                engine,
+                checkpoint,
+            };
+            let inf = runner.resolve(k, &device)?;
             if run_kind(&run, dataset.as_deref())? == "vqa2" {
                 vqa_cli::cmd_answer_vqa(&device, &run, &image, &question, inf, json)
             } else {

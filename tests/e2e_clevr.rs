@@ -50,6 +50,8 @@ fn generate_train_eval_predict_answer_resume() {
     };
     let run = root.join("run");
     let out = ok(train(&run, "1", &["--json"]));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("(best so far: RUN/best)"), "{said}");
     // --json: this invocation's epochs on stdout, as appended to metrics.jsonl.
     let printed = stdout_lines(&out);
     assert_eq!(printed.len(), 1);
@@ -234,6 +236,46 @@ fn generate_train_eval_predict_answer_resume() {
     let twin = root.join("twin");
     ok(train(&twin, "1", &[]));
     assert_eq!(metric_lines(&twin)[0]["train_loss"], lines[0]["train_loss"]);
+
+    // RUN/best holds the end of the first epoch with the highest val
+    // accuracy; `--checkpoint best` evaluates it, `last` the last epoch.
+    let val = |l: &serde_json::Value| l["val"]["accuracy"].as_f64().unwrap();
+    let top = if val(&lines[1]) > val(&lines[0]) {
+        1
+    } else {
+        0
+    };
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("best/state.json")).unwrap()).unwrap();
+    assert_eq!(kept["epoch"], lines[top]["epoch"]);
+    for (which, line) in [("best", &lines[top]), ("last", &lines[1])] {
+        let args = ["eval", "--run", r, "--data", d, "--checkpoint", which];
+        let got = stdout_json(&ok(moevqa(&[&args[..], &["--json"]].concat())));
+        assert_eq!(got["accuracy"], line["val"]["accuracy"], "{which}");
+    }
+    assert_one_line_error(
+        &moevqa(&["eval", "--run", r, "--data", d, "--checkpoint", "first"]),
+        "--checkpoint",
+    );
+    // Without RUN/best, `--checkpoint best` names it; a resume puts it back
+    // (the end of a run's last epoch is its best here: one epoch).
+    let tw = twin.to_str().unwrap();
+    std::fs::remove_dir_all(twin.join("best")).unwrap();
+    let img = data.join("images/val/CLEVR_val_000000.png");
+    let answer_best = [
+        "answer",
+        "--run",
+        tw,
+        "--image",
+        img.to_str().unwrap(),
+        "--question",
+        "What is the shape of the red object?",
+        "--checkpoint",
+        "best",
+    ];
+    assert_one_line_error(&moevqa(&answer_best), &format!("{tw}/best: no checkpoint"));
+    ok(train(&twin, "1", &["--resume"]));
+    ok(moevqa(&answer_best));
 
     // A test split without answers or programs still predicts.
     let val_q: serde_json::Value = serde_json::from_slice(

@@ -90,9 +90,23 @@ fn generate_train_eval_predict_score_answer() {
         "answers.json",
         "metrics.jsonl",
         "checkpoint/model.bpk",
+        "best/model.bpk",
     ] {
         assert!(run.join(f).is_file(), "missing {f}");
     }
+    // The best epoch so far (the only one) is kept in RUN/best and gives
+    // the epoch's val score again.
+    let best = stdout_json(&ok(moevqa(&[
+        "eval",
+        "--run",
+        r,
+        "--data",
+        d,
+        "--checkpoint",
+        "best",
+        "--json",
+    ])));
+    assert_eq!(best["accuracy"], line["val"]["score"]["overall"], "{best}");
 
     // Eval at another k: the official metric, MACs, expert usage.
     let ev = stdout_json(&ok(moevqa(&[

@@ -279,6 +279,46 @@ where
     swapped
 }
 
+/// Copies the complete checkpoint in `src` (or `src.old`) to `dst`,
+/// replacing the one there with the same atomic swap as
+/// [`save_checkpoint`]. Files are hard-linked where the file system allows
+/// (no bytes are copied: a save never writes into an existing file, it
+/// writes new ones and swaps, so later saves to `src` leave `dst` as it
+/// is), else copied and fsynced. Its files are checked against their
+/// manifest entries when `dst` is loaded, as any checkpoint's are.
+pub fn copy_checkpoint(src: &Path, dst: &Path) -> Result<(), CheckpointError> {
+    let from = locate(src)?;
+    let manifest = read_manifest(&from.join(MANIFEST_FILE))?;
+    let (parent, name) = split_dir(dst)?;
+    fs::create_dir_all(&parent).map_err(|e| CheckpointError::io(&parent, "create directory", e))?;
+    remove_stale_tmps(&parent, &name)?;
+    let tmp = sibling(dst, &name, &format!("tmp-{}", std::process::id()));
+    fs::create_dir(&tmp).map_err(|e| CheckpointError::io(&tmp, "create directory", e))?;
+    // The manifest last, as in a save: a directory is complete once it is there.
+    let names = manifest
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .chain([MANIFEST_FILE]);
+    let mut copied = Ok(());
+    for file in names {
+        let (a, b) = (from.join(file), tmp.join(file));
+        copied = fs::hard_link(&a, &b)
+            .or_else(|_| fs::copy(&a, &b).and_then(|_| File::open(&b)?.sync_all()))
+            .map_err(|e| CheckpointError::io(&b, "copy", e));
+        if copied.is_err() {
+            break;
+        }
+    }
+    let swapped = copied
+        .and_then(|()| sync_dir(&tmp))
+        .and_then(|()| swap_in(dst, &tmp, &parent, &name));
+    if swapped.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    swapped
+}
+
 /// Loads the checkpoint in `dir` (or `dir.old`, see the module docs) into
 /// `model` and `optim`.
 ///
@@ -930,6 +970,42 @@ mod tests {
         let lost = max_diff(&values(&a), &values(&control));
         assert!(lost > 1e-4, "the test cannot see lost moments: {lost}");
 
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A copy keeps what the source held when it was copied, through later
+    /// saves to the source, and replaces an earlier copy atomically.
+    #[test]
+    fn a_copied_checkpoint_outlives_later_saves() {
+        let device = Device::default().autodiff();
+        device.seed(13);
+        let x = input(&device);
+        let mut optim = adam();
+        let mut a = tiny(4, 7, &device);
+        a = train_step(a, &mut optim, &x);
+        let root = scratch("copy");
+        let (src, dst) = (root.join("checkpoint"), root.join("best"));
+        save_checkpoint(&src, &a, &optim, &state(2)).unwrap();
+        copy_checkpoint(&src, &dst).unwrap();
+        let kept = values(&a);
+        a = train_step(a, &mut optim, &x);
+        save_checkpoint(&src, &a, &optim, &state(4)).unwrap();
+        let later = values(&a);
+        assert!(max_diff(&kept, &later) > 1e-4);
+
+        let (b, _, st) = load_checkpoint(&dst, tiny(4, 7, &device), adam(), &device).unwrap();
+        assert_eq!(st, state(2));
+        assert_eq!(max_diff(&values(&b), &kept), 0.0);
+        // Copying again replaces it, leaving no tmp or old behind.
+        copy_checkpoint(&src, &dst).unwrap();
+        let (c, _, st) = load_checkpoint(&dst, tiny(4, 7, &device), adam(), &device).unwrap();
+        assert_eq!(st, state(4));
+        assert_eq!(max_diff(&values(&c), &later), 0.0);
+        assert_eq!(names(&root), ["best", "checkpoint"]);
+        assert!(matches!(
+            copy_checkpoint(&root.join("none"), &dst),
+            Err(CheckpointError::NotFound { .. })
+        ));
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -20,6 +20,30 @@ pub struct Inference {
     pub k: Option<usize>,
     pub batch: usize,
     pub engine: Engine,
+    /// Which of the run's checkpoints answers.
+    pub checkpoint: CheckpointChoice,
+}
+
+/// Which of a run's checkpoints inference loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CheckpointChoice {
+    /// `RUN/checkpoint`: the last one saved (one inside an epoch included).
+    #[default]
+    Last,
+    /// `RUN/best`: the end of the epoch with the best validation so far.
+    Best,
+}
+
+impl std::str::FromStr for CheckpointChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "last" => Ok(CheckpointChoice::Last),
+            "best" => Ok(CheckpointChoice::Best),
+            _ => Err(format!("expected `last` or `best`, got `{s}`")),
+        }
+    }
 }
 
 impl Inference {
@@ -29,6 +53,7 @@ impl Inference {
             k: Some(k),
             batch,
             engine: Engine::for_device(device),
+            checkpoint: CheckpointChoice::Last,
         }
     }
 }

@@ -70,6 +70,18 @@ impl RunMetrics {
         Ok(RunMetrics { name, k, lines })
     }
 
+    /// The epoch with the best validation accuracy (the first of equals)
+    /// and that accuracy; None when no epoch was validated.
+    pub fn best(&self) -> Option<(u64, f64)> {
+        self.lines
+            .iter()
+            .filter_map(|(epoch, v)| Some((*epoch, val_of(v)?)))
+            .fold(None, |best, (e, a)| match best {
+                Some((_, b)) if b >= a => best,
+                _ => Some((e, a)),
+            })
+    }
+
     /// "name (k = K)", or the name alone.
     pub fn label(&self) -> String {
         match self.k {
@@ -221,6 +233,32 @@ pub(crate) mod tests {
         std::fs::write(dir.join("metrics.jsonl"), lines.join("\n")).unwrap();
         std::fs::write(dir.join("config.json"), r#"{"k": 6}"#).unwrap();
         dir
+    }
+
+    #[test]
+    fn the_best_epoch_is_the_first_with_the_highest_val() {
+        let line = |e: u64, val: &str| format!(r#"{{"epoch": {e}, "val": {val}}}"#);
+        let clevr = |accs: &[f64]| -> Vec<String> {
+            (1..)
+                .zip(accs)
+                .map(|(e, a)| line(e, &format!(r#"{{"accuracy": {a}}}"#)))
+                .collect()
+        };
+        let best = |name: &str, lines: &[String]| {
+            let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+            RunMetrics::read(&run_dir(name, &refs)).unwrap().best()
+        };
+        assert_eq!(best("b1", &clevr(&[50.0, 60.0, 55.0])), Some((2, 60.0)));
+        assert_eq!(best("b2", &clevr(&[50.0, 50.0])), Some((1, 50.0)));
+        assert_eq!(best("b3", &clevr(&[40.0, 45.0, 70.5])), Some((3, 70.5)));
+        // VQA's official score; an epoch without validation does not count.
+        let vqa = [
+            line(1, r#"{"score": {"overall": 31.5}}"#),
+            line(2, r#"{"score": {"overall": 33.25}}"#),
+            line(3, "null"),
+        ];
+        assert_eq!(best("b4", &vqa), Some((2, 33.25)));
+        assert_eq!(best("b5", &[line(1, "null")]), None);
     }
 
     #[test]

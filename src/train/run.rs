@@ -19,13 +19,14 @@ use crate::models::relation_network::DeadUnits;
 use crate::models::{GatedVqaModel, RelationNetwork};
 use crate::moe::BalanceLossConfig;
 use crate::train::checkpoint::{
-    PartialEpoch, TrainState, has_checkpoint, load_checkpoint, save_checkpoint,
+    PartialEpoch, TrainState, copy_checkpoint, has_checkpoint, load_checkpoint, load_train_state,
+    save_checkpoint,
 };
 use crate::train::clevr::{
     Encoded, EpochSettings, EvalReport, MidEpoch, OnBatch, RunVocab, adam, build_model,
     encode_split, evaluate, make_batch, probe_dead_units, train_epoch,
 };
-use crate::train::{Inference, TrainError};
+use crate::train::{CheckpointChoice, Inference, TrainError};
 use burn::module::Module;
 use burn::tensor::Device;
 
@@ -117,6 +118,9 @@ pub struct EpochSummary {
     /// Percent: accuracy (CLEVR) or mean soft score (VQA).
     pub train_accuracy: f64,
     pub val_accuracy: Option<f64>,
+    /// Whether this epoch's validation is the run's best so far (its
+    /// checkpoint was copied to `RUN/best`).
+    pub best: bool,
     pub questions_per_s: f64,
     pub lr: f64,
     pub batch: usize,
@@ -133,6 +137,8 @@ pub struct RunPaths {
     pub checkpoint: PathBuf,
     /// The train split's fingerprint ([`check_same_data`]).
     pub data: PathBuf,
+    /// The end of the epoch with the best validation ([`keep_best`]).
+    pub best: PathBuf,
 }
 
 impl RunPaths {
@@ -145,6 +151,7 @@ impl RunPaths {
             metrics: root.join("metrics.jsonl"),
             checkpoint: root.join("checkpoint"),
             data: root.join("data.json"),
+            best: root.join("best"),
         }
     }
 }
@@ -294,11 +301,13 @@ pub fn train(
             val,
         };
         last_line = record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
+        let best = keep_best(&paths)?.is_some();
         progress.end_epoch(&EpochSummary {
             epoch: line.epoch,
             train_loss: line.train_loss,
             train_accuracy: line.train_accuracy,
             val_accuracy: line.val.as_ref().map(|v| v.accuracy),
+            best,
             questions_per_s: line.questions_per_s,
             lr,
             batch,
@@ -590,6 +599,56 @@ pub fn record_epoch<M: Module + std::fmt::Display>(
     Ok(state.metrics)
 }
 
+/// Keeps `RUN/best` at the run's best epoch so far: when the run's
+/// checkpoint is the end of an epoch whose validation accuracy (or VQA
+/// score) in `metrics.jsonl` beats every earlier epoch's, and `RUN/best`
+/// holds something else, the checkpoint is copied there
+/// ([`copy_checkpoint`]: hard links, atomic). Returns that epoch when it
+/// copied. Called after each epoch's checkpoint, and on a resume, which
+/// also mends a run killed between the two (or saved before runs kept
+/// their best: it gets one once its last epoch is its best).
+pub fn keep_best(paths: &RunPaths) -> Result<Option<u64>, TrainError> {
+    let ckpt_err = |e: crate::train::checkpoint::CheckpointError| TrainError::Io(e.to_string());
+    let state = load_train_state(&paths.checkpoint).map_err(ckpt_err)?;
+    if state.partial.is_some() || state.epoch == 0 {
+        return Ok(None);
+    }
+    let best = crate::train::report::RunMetrics::read(&paths.root)?.best();
+    match best {
+        Some((epoch, _)) if epoch == state.epoch as u64 => {}
+        _ => return Ok(None),
+    }
+    // The same epoch line means the same checkpoint: nothing to copy.
+    if load_train_state(&paths.best)
+        .is_ok_and(|b| b.partial.is_none() && b.metrics == state.metrics)
+    {
+        return Ok(None);
+    }
+    copy_checkpoint(&paths.checkpoint, &paths.best).map_err(ckpt_err)?;
+    Ok(Some(state.epoch as u64))
+}
+
+/// The checkpoint directory inference loads for `choice`, or an error
+/// naming it when there is none.
+pub fn chosen_checkpoint(paths: &RunPaths, choice: CheckpointChoice) -> Result<&Path, TrainError> {
+    let (dir, why) = match choice {
+        CheckpointChoice::Last => (&paths.checkpoint, "train at least one epoch first"),
+        CheckpointChoice::Best => (
+            &paths.best,
+            "kept at the end of each epoch whose validation beats every earlier one, so a run \
+             without a val split has none; --checkpoint last loads the last checkpoint",
+        ),
+    };
+    if has_checkpoint(dir) {
+        Ok(dir)
+    } else {
+        Err(TrainError::Input(format!(
+            "{}: no checkpoint ({why})",
+            dir.display()
+        )))
+    }
+}
+
 /// Starts `epoch`: takes from `partial` the part of it a mid-epoch
 /// checkpoint saved (None if that checkpoint is of another epoch, or
 /// there is none) and seeds the device as an unstopped run's is at that
@@ -609,8 +668,8 @@ pub fn begin_epoch(
     from
 }
 
-/// Loads the run's checkpoint into `model` and `optim` and trims the
-/// metrics to it; returns them with the saved state (completed epochs, and
+/// Loads the run's checkpoint into `model` and `optim`, trims the
+/// metrics to it and mends `RUN/best` ([`keep_best`]); returns them with the saved state (completed epochs, and
 /// how far the next one got if the checkpoint was taken inside it).
 pub fn resume_from<M: Module + std::fmt::Display>(
     paths: &RunPaths,
@@ -621,6 +680,7 @@ pub fn resume_from<M: Module + std::fmt::Display>(
     let (m, o, state) = load_checkpoint(&paths.checkpoint, model, optim, device)
         .map_err(|e| TrainError::Io(e.to_string()))?;
     rewrite_metrics(&paths.metrics, &state)?;
+    keep_best(paths)?;
     Ok((m, o, state))
 }
 
@@ -765,20 +825,20 @@ pub struct LoadedRun {
     pub model: RelationNetwork,
 }
 
-/// Loads a run's config, vocabularies and the model of its last checkpoint.
-pub fn load_run(run: &Path, device: &Device) -> Result<LoadedRun, TrainError> {
+/// Loads a run's config, vocabularies and the model of its last (or best)
+/// checkpoint.
+pub fn load_run(
+    run: &Path,
+    choice: CheckpointChoice,
+    device: &Device,
+) -> Result<LoadedRun, TrainError> {
     let paths = RunPaths::new(run);
     let config = load_config(&paths.config)?;
     let vocab = RunVocab::load(&paths.vocab)?;
-    if !has_checkpoint(&paths.checkpoint) {
-        return Err(TrainError::Input(format!(
-            "{}: no checkpoint (train at least one epoch first)",
-            paths.checkpoint.display()
-        )));
-    }
+    let dir = chosen_checkpoint(&paths, choice)?;
     let model = build_model(&vocab, config.model(), device)?;
-    let (model, _, _) = load_checkpoint(&paths.checkpoint, model, adam(), device)
-        .map_err(|e| TrainError::Io(e.to_string()))?;
+    let (model, _, _) =
+        load_checkpoint(dir, model, adam(), device).map_err(|e| TrainError::Io(e.to_string()))?;
     Ok(LoadedRun {
         config,
         vocab,
@@ -797,7 +857,7 @@ fn run_over_split(
     probe: bool,
     on_batch: OnBatch<'_>,
 ) -> Result<(LoadedRun, ClevrSplit, EvalReport), TrainError> {
-    let r = load_run(run, device)?;
+    let r = load_run(run, inf.checkpoint, device)?;
     let ds = ClevrSplit::open(data, split)?;
     let items = encode_split(&ds, &r.vocab.words, &r.vocab.answers)?;
     let k = inf.k.unwrap_or(r.config.k);
@@ -874,7 +934,7 @@ pub fn answer_one(
     inf: Inference,
     device: &Device,
 ) -> Result<SingleAnswer, TrainError> {
-    let r = load_run(run, device)?;
+    let r = load_run(run, inf.checkpoint, device)?;
     let (tokens, known) = r.vocab.words.encode(question);
     if known == 0 {
         return Err(TrainError::Input(format!(

@@ -31,14 +31,14 @@ use crate::models::GatedVqaModel;
 use crate::models::butd::{Butd, ButdConfig, soft_bce};
 use crate::moe::BalanceLossConfig;
 use crate::text::{PAD, Vocab};
-use crate::train::checkpoint::{PartialEpoch, TrainState, has_checkpoint, load_checkpoint};
+use crate::train::checkpoint::{PartialEpoch, TrainState, load_checkpoint};
 use crate::train::clevr::{OnBatch, adam, argmax_rows};
 use crate::train::run::{
     EpochSummary, MidEpochSchedule, Progress, RunPaths, begin_epoch, check_resumed_epoch,
-    check_same_data, check_same_vocab, epoch_seed, io_err, open_run_dir, record_epoch, resume_from,
-    save_mid_epoch,
+    check_same_data, check_same_vocab, chosen_checkpoint, epoch_seed, io_err, keep_best,
+    open_run_dir, record_epoch, resume_from, save_mid_epoch,
 };
-use crate::train::{Inference, TrainError};
+use crate::train::{CheckpointChoice, Inference, TrainError};
 
 /// ImageNet channel means and standard deviations (RGB).
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -545,6 +545,7 @@ pub fn train_vqa(
             val,
         };
         last_line = record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
+        let best = keep_best(&paths)?.is_some();
         progress.end_epoch(&EpochSummary {
             epoch: line.epoch,
             train_loss: line.train_loss,
@@ -553,6 +554,7 @@ pub fn train_vqa(
                 .val
                 .as_ref()
                 .and_then(|v| v.score.as_ref().map(|s| s.overall)),
+            best,
             questions_per_s: line.questions_per_s,
             lr,
             batch,
@@ -584,22 +586,22 @@ pub struct LoadedVqaRun {
     pub model: Butd,
 }
 
-/// Loads a VQA run's config, vocabularies and last checkpoint (eval mode).
-pub fn load_vqa_run(run: &Path, device: &Device) -> Result<LoadedVqaRun, TrainError> {
+/// Loads a VQA run's config, vocabularies and last (or best) checkpoint
+/// (eval mode).
+pub fn load_vqa_run(
+    run: &Path,
+    choice: CheckpointChoice,
+    device: &Device,
+) -> Result<LoadedVqaRun, TrainError> {
     let paths = RunPaths::new(run);
     let text = std::fs::read_to_string(&paths.config).map_err(|e| io_err(&paths.config, e))?;
     let config: VqaRunConfig = serde_json::from_str(&text)
         .map_err(|e| io_err(&paths.config, format!("not a VQA run config: {e}")))?;
     let (words, answers) = load_vocab(run)?;
-    if !has_checkpoint(&paths.checkpoint) {
-        return Err(TrainError::Input(format!(
-            "{}: no checkpoint (train at least one epoch first)",
-            paths.checkpoint.display()
-        )));
-    }
+    let dir = chosen_checkpoint(&paths, choice)?;
     let model = config.model(words.len(), answers.len())?.init(device)?;
-    let (model, _, _) = load_checkpoint(&paths.checkpoint, model, adam(), device)
-        .map_err(|e| TrainError::Io(e.to_string()))?;
+    let (model, _, _) =
+        load_checkpoint(dir, model, adam(), device).map_err(|e| TrainError::Io(e.to_string()))?;
     Ok(LoadedVqaRun {
         config,
         words,
@@ -618,7 +620,7 @@ pub fn evaluate_vqa_run(
     device: &Device,
     on_batch: OnBatch<'_>,
 ) -> Result<(VqaRunConfig, VqaEvalReport), TrainError> {
-    let r = load_vqa_run(run, device)?;
+    let r = load_vqa_run(run, inf.checkpoint, device)?;
     let ds = Vqa2Split::open(data, split)?;
     let items = encode_vqa_split(&ds, &r.words, &r.answers);
     let ann = ds.has_annotations().then(|| annotation_file(data, split));
@@ -665,7 +667,7 @@ pub fn answer_vqa(
     inf: Inference,
     device: &Device,
 ) -> Result<VqaSingleAnswer, TrainError> {
-    let r = load_vqa_run(run, device)?;
+    let r = load_vqa_run(run, inf.checkpoint, device)?;
     let (tokens, known) = r.words.encode(question);
     if known == 0 {
         return Err(TrainError::Input(format!(
