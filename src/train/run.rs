@@ -300,8 +300,8 @@ pub fn train(
             seconds: stats.seconds,
             val,
         };
-        last_line = record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
-        let best = keep_best(&paths)?.is_some();
+        let best;
+        (last_line, best) = record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
         progress.end_epoch(&EpochSummary {
             epoch: line.epoch,
             train_loss: line.train_loss,
@@ -576,8 +576,9 @@ pub fn open_run_dir<C: Serialize + serde::de::DeserializeOwned>(
     })
 }
 
-/// After an epoch: the checkpoint (with `line` as its metrics), then the
-/// metrics line; returns the line as saved.
+/// After an epoch: the checkpoint (with `line` as its metrics), the
+/// metrics line, then `RUN/best` ([`keep_best`]); returns the line as
+/// saved and whether the epoch is the run's best so far.
 pub fn record_epoch<M: Module + std::fmt::Display>(
     paths: &RunPaths,
     model: &M,
@@ -585,7 +586,7 @@ pub fn record_epoch<M: Module + std::fmt::Display>(
     seed: u64,
     line: &impl Serialize,
     epoch: usize,
-) -> Result<serde_json::Value, TrainError> {
+) -> Result<(serde_json::Value, bool), TrainError> {
     let state = TrainState {
         epoch,
         step: 0,
@@ -596,7 +597,8 @@ pub fn record_epoch<M: Module + std::fmt::Display>(
     save_checkpoint(&paths.checkpoint, model, optim, &state)
         .map_err(|e| TrainError::Io(e.to_string()))?;
     append_metrics(&paths.metrics, line)?;
-    Ok(state.metrics)
+    let best = keep_best(paths)?.is_some();
+    Ok((state.metrics, best))
 }
 
 /// Keeps `RUN/best` at the run's best epoch so far: when the run's

@@ -35,8 +35,8 @@ use crate::train::checkpoint::{PartialEpoch, TrainState, load_checkpoint};
 use crate::train::clevr::{OnBatch, adam, argmax_rows};
 use crate::train::run::{
     EpochSummary, MidEpochSchedule, Progress, RunPaths, begin_epoch, check_resumed_epoch,
-    check_same_data, check_same_vocab, chosen_checkpoint, epoch_seed, io_err, keep_best,
-    open_run_dir, record_epoch, resume_from, save_mid_epoch,
+    check_same_data, check_same_vocab, chosen_checkpoint, epoch_seed, io_err, open_run_dir,
+    record_epoch, resume_from, save_mid_epoch,
 };
 use crate::train::{CheckpointChoice, Inference, TrainError};
 
@@ -544,8 +544,8 @@ pub fn train_vqa(
             seconds,
             val,
         };
-        last_line = record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
-        let best = keep_best(&paths)?.is_some();
+        let best;
+        (last_line, best) = record_epoch(&paths, &model, &optim, cfg.seed, &line, line.epoch)?;
         progress.end_epoch(&EpochSummary {
             epoch: line.epoch,
             train_loss: line.train_loss,
