@@ -1,5 +1,6 @@
 //! The `moevqa` command line. The only place that names a concrete backend.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -9,7 +10,7 @@ use moevqa::bench::{bench_block, block_presets};
 use moevqa::cnn::{CnnLayout, GateSettings};
 use moevqa::data::sort_of_clevr::GenerateSummary;
 use moevqa::flops::{count_macs, paper_flops};
-use moevqa::train::Inference;
+use moevqa::train::{CheckpointChoice, Inference};
 use serde::Serialize;
 
 mod vqa_cli;
@@ -1138,8 +1139,9 @@ struct RunnerArgs {
 }
 
 impl RunnerArgs {
-    /// The inference settings at `k` (None: the run's k).
-    fn resolve(&self, k: Option<usize>, device: &Device) -> Result<Inference> {
+    /// The inference settings at `k` (None: the run's k) for `run`; a
+    /// note says which epoch `--checkpoint best` loads.
+    fn resolve(&self, run: &Path, k: Option<usize>, device: &Device) -> Result<Inference> {
         if self.batch == 0 {
             bail!("--batch: expected at least 1");
         }
@@ -1151,6 +1153,11 @@ impl RunnerArgs {
             .checkpoint
             .parse()
             .map_err(|e| anyhow::anyhow!("--checkpoint: {e}"))?;
+        if checkpoint == CheckpointChoice::Best
+            && let Some(note) = moevqa::train::run::best_note(run)
+        {
+            eprintln!("note: {note}");
+        }
         Ok(Inference {
             k,
             batch: self.batch,
@@ -1659,7 +1666,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let device = pick_device(&cli.device)?;
-            let inf = runner.resolve(k, &device)?;
+            let inf = runner.resolve(&run, k, &device)?;
             let (split, n) = if run_kind(&run, dataset.as_deref())? == "vqa2" {
                 let split = split.unwrap_or_else(|| "test2015".into());
                 let n = vqa_cli::cmd_predict_vqa(&device, &run, &data, &split, &out, inf)?;
@@ -1704,7 +1711,7 @@ fn run(cli: Cli) -> Result<()> {
                 engine,
                 checkpoint,
             };
-            let inf = runner.resolve(k, &device)?;
+            let inf = runner.resolve(&run, k, &device)?;
             if run_kind(&run, dataset.as_deref())? == "vqa2" {
                 vqa_cli::cmd_answer_vqa(&device, &run, &image, &question, inf, json)
             } else {
@@ -1741,7 +1748,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let device = pick_device(&cli.device)?;
-            let base = runner.resolve(None, &device)?;
+            let base = runner.resolve(&run, None, &device)?;
             if let Some(p) = &plot {
                 check_png_out(p)?;
             }

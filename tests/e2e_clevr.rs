@@ -250,8 +250,16 @@ fn generate_train_eval_predict_answer_resume() {
     assert_eq!(kept["epoch"], lines[top]["epoch"]);
     for (which, line) in [("best", &lines[top]), ("last", &lines[1])] {
         let args = ["eval", "--run", r, "--data", d, "--checkpoint", which];
-        let got = stdout_json(&ok(moevqa(&[&args[..], &["--json"]].concat())));
-        assert_eq!(got["accuracy"], line["val"]["accuracy"], "{which}");
+        let out = ok(moevqa(&[&args[..], &["--json"]].concat()));
+        assert_eq!(
+            stdout_json(&out)["accuracy"],
+            line["val"]["accuracy"],
+            "{which}"
+        );
+        // `best` says which epoch it loads.
+        let said = String::from_utf8_lossy(&out.stderr);
+        let note = format!("best is the end of epoch {}", line["epoch"]);
+        assert_eq!(said.contains(&note), which == "best", "{said}");
     }
     assert_one_line_error(
         &moevqa(&["eval", "--run", r, "--data", d, "--checkpoint", "first"]),

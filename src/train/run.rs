@@ -651,6 +651,20 @@ pub fn chosen_checkpoint(paths: &RunPaths, choice: CheckpointChoice) -> Result<&
     }
 }
 
+/// "RUN/best is the end of epoch E (val V%)", for a note before
+/// inference from it; None when the run has no best checkpoint.
+pub fn best_note(run: &Path) -> Option<String> {
+    let paths = RunPaths::new(run);
+    let state = load_train_state(&paths.best).ok()?;
+    let val = crate::train::report::val_of(&state.metrics)
+        .map_or(String::new(), |v| format!(" (val {v:.2}%)"));
+    Some(format!(
+        "{} is the end of epoch {}{val}",
+        paths.best.display(),
+        state.epoch
+    ))
+}
+
 /// Starts `epoch`: takes from `partial` the part of it a mid-epoch
 /// checkpoint saved (None if that checkpoint is of another epoch, or
 /// there is none) and seeds the device as an unstopped run's is at that
