@@ -10,6 +10,7 @@ use moevqa::bench::{bench_block, block_presets};
 use moevqa::cnn::{CnnLayout, GateSettings};
 use moevqa::data::sort_of_clevr::GenerateSummary;
 use moevqa::flops::{count_macs, paper_flops};
+use moevqa::moe::usage::specialisation;
 use moevqa::train::{CheckpointChoice, Inference};
 use serde::Serialize;
 
@@ -652,6 +653,9 @@ struct EvalJson<'a> {
     by_family: &'a std::collections::BTreeMap<String, f64>,
     cnn_macs_per_image: u64,
     expert_usage: &'a [Vec<u64>],
+    expert_usage_per_family: &'a std::collections::BTreeMap<String, Vec<Vec<u64>>>,
+    /// Per block, how far the question types' choices of experts are apart.
+    specialisation: Vec<f64>,
     engine: moevqa::kernels::Engine,
     questions_per_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -714,6 +718,8 @@ fn cmd_eval(
             by_family: &report.by_family,
             cnn_macs_per_image: macs.cnn_macs,
             expert_usage: &report.expert_usage,
+            expert_usage_per_family: &report.expert_usage_per_family,
+            specialisation: specialisation(&report.expert_usage_per_family),
             engine: report.engine,
             questions_per_s: report.questions_per_s,
             cnn_ms_per_image: report.cnn_ms_per_image,
@@ -746,9 +752,22 @@ fn print_eval(split: &str, report: &moevqa::train::clevr::EvalReport, cnn_macs: 
     for (f, acc) in &report.by_family {
         println!("  {f:<20} {acc:6.2}%");
     }
+    let spec = specialisation(&report.expert_usage_per_family);
+    println!("{}", specialisation_text("question type", &spec));
     if let Some(d) = &report.dead_units {
         println!("{d}");
     }
+}
+
+/// One line: the [`specialisation`] of each block, by `group`.
+pub(crate) fn specialisation_text(group: &str, per_block: &[f64]) -> String {
+    let values: Vec<String> = per_block.iter().map(|v| format!("{v:.3}")).collect();
+    format!(
+        "expert specialisation by {group}, block 1..{}: {} (total-variation distance of a {group}'s \
+         expert shares from all questions'; 0: every {group} picks the same experts)",
+        per_block.len(),
+        values.join(" ")
+    )
 }
 
 /// " in X ms measured" (the CNN per image) for an eval line, or nothing

@@ -9,6 +9,7 @@ use burn::tensor::Device;
 use moevqa::cnn::{CnnLayout, GateSettings, ModularResNeXtConfig};
 use moevqa::flops::count_macs;
 use moevqa::kernels::Engine;
+use moevqa::moe::usage::specialisation;
 use moevqa::train::Inference;
 use moevqa::train::run::Progress;
 use moevqa::train::vqa::{VqaEvalReport, VqaResult, VqaRunConfig};
@@ -245,6 +246,8 @@ struct VqaEvalJson<'a> {
     cnn_macs_per_image_at_224: u64,
     expert_usage: &'a [Vec<u64>],
     expert_usage_per_answer_type: &'a std::collections::BTreeMap<String, Vec<Vec<u64>>>,
+    /// Per block, how far the answer types' choices of experts are apart.
+    specialisation: Vec<f64>,
     engine: Engine,
     questions_per_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -279,6 +282,7 @@ pub fn cmd_eval_vqa(
             cnn_macs_per_image_at_224: macs224,
             expert_usage: &r.expert_usage,
             expert_usage_per_answer_type: &r.expert_usage_per_answer_type,
+            specialisation: specialisation(&r.expert_usage_per_answer_type),
             engine: r.engine,
             questions_per_s: r.questions_per_s,
             cnn_ms_per_image: r.cnn_ms_per_image,
@@ -312,6 +316,8 @@ fn print_vqa_eval(split: &str, r: &VqaEvalReport, macs: u64, size: u32) {
             for (t, a) in &s.per_answer_type {
                 println!("  {t:<10} {a:6.2}%");
             }
+            let spec = specialisation(&r.expert_usage_per_answer_type);
+            println!("{}", crate::specialisation_text("answer type", &spec));
         }
         None => println!(
             "{split}: {} questions predicted (no annotations to score), k = {}",

@@ -123,6 +123,27 @@ fn generate_train_eval_predict_answer_resume() {
         .map(|c| c.as_u64().unwrap())
         .sum();
     assert_eq!(total, 40 * 3);
+    // The same per question type: the types add up to the whole, and the
+    // specialisation of each block is a distance in [0, 1).
+    let per_family = v["expert_usage_per_family"].as_object().unwrap();
+    assert_eq!(per_family.len(), v["by_family"].as_object().unwrap().len());
+    let counts =
+        |u: &serde_json::Value| -> Vec<Vec<u64>> { serde_json::from_value(u.clone()).unwrap() };
+    let mut summed = vec![vec![0u64; 12]; 3];
+    for u in per_family.values() {
+        for (s, row) in summed.iter_mut().zip(counts(u)) {
+            for (a, c) in s.iter_mut().zip(row) {
+                *a += c;
+            }
+        }
+    }
+    assert_eq!(summed, counts(&v["expert_usage"]));
+    let spec = v["specialisation"].as_array().unwrap();
+    assert_eq!(spec.len(), 3, "{spec:?}");
+    assert!(
+        spec.iter()
+            .all(|x| (0.0..1.0).contains(&x.as_f64().unwrap()))
+    );
     assert!(
         v["by_family"]
             .as_object()

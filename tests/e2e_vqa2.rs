@@ -139,6 +139,12 @@ fn generate_train_eval_predict_score_answer() {
             .unwrap()
             .is_empty()
     );
+    let spec = ev["specialisation"].as_array().unwrap();
+    assert_eq!(spec.len(), 33, "{spec:?}");
+    assert!(
+        spec.iter()
+            .all(|x| (0.0..1.0).contains(&x.as_f64().unwrap()))
+    );
     // A sweep over k: a JSON line per k, k = 4 the report above.
     let png = root.join("sweep.png");
     let sweep = ok(moevqa(&[

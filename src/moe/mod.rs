@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod block;
 pub mod gate;
+pub mod usage;
 
 pub use balance::{BalanceLossConfig, cv_squared, importance};
 pub use block::{Bottleneck, BottleneckConfig};

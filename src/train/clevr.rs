@@ -23,6 +23,7 @@ use crate::kernels::{Engine, EvalCnn};
 use crate::models::relation_network::DeadUnits;
 use crate::models::{GatedVqaModel, RelationNetwork, RelationNetworkConfig, RnOutput};
 use crate::moe::BalanceLossConfig;
+use crate::moe::usage::{Usage, add_selections};
 use crate::text::{PAD, Vocab};
 use crate::train::TrainError;
 use crate::train::checkpoint::PartialEpoch;
@@ -138,6 +139,10 @@ pub struct EvalReport {
     pub by_family: BTreeMap<String, f64>,
     /// Per block, how many questions chose each expert.
     pub expert_usage: Vec<Vec<u64>>,
+    /// The same per question type ([`specialisation`](crate::moe::usage::specialisation)
+    /// compares them).
+    #[serde(default)]
+    pub expert_usage_per_family: BTreeMap<String, Vec<Vec<u64>>>,
     /// What ran the CNN.
     #[serde(default)]
     pub engine: Engine,
@@ -222,24 +227,19 @@ pub fn evaluate(
     let clock0 = cnn.clock();
     let mut right = 0usize;
     let mut fam: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    let mut usage: Vec<Vec<u64>> = Vec::new();
+    let mut usage = Usage::new();
+    let mut by_family: BTreeMap<String, Usage> = BTreeMap::new();
     let mut predictions = Vec::with_capacity(items.len());
     for chunk in items.chunks(batch.max(1)) {
         let refs: Vec<&Encoded> = chunk.iter().collect();
         let b = make_batch(&refs, image_size, device)?;
         let out = model.forward_eval(b.images, b.tokens, &b.lengths, k, cnn)?;
-        if usage.is_empty() {
-            usage = out
-                .gates
-                .iter()
-                .map(|g| vec![0; g.values.dims()[1]])
-                .collect();
-        }
-        for (u, g) in usage.iter_mut().zip(&out.gates) {
-            for sel in &g.indices {
-                for &e in sel {
-                    u[e] += 1;
-                }
+        for (bi, g) in out.gates.iter().enumerate() {
+            let paths = g.values.dims()[1];
+            for (sel, e) in g.indices.iter().zip(chunk) {
+                add_selections(&mut usage, bi, paths, sel);
+                let by = by_family.entry(e.family.clone()).or_default();
+                add_selections(by, bi, paths, sel);
             }
         }
         let pred = argmax_rows(out.logits)?;
@@ -268,6 +268,7 @@ pub fn evaluate(
         accuracy: pct(right, items.len()),
         by_family: fam.into_iter().map(|(k, (r, n))| (k, pct(r, n))).collect(),
         expert_usage: usage,
+        expert_usage_per_family: by_family,
         engine,
         questions_per_s,
         cnn_ms_per_image,

@@ -30,6 +30,7 @@ use crate::metrics::vqa::{VqaScore, read_annotations, score};
 use crate::models::GatedVqaModel;
 use crate::models::butd::{Butd, ButdConfig, soft_bce};
 use crate::moe::BalanceLossConfig;
+use crate::moe::usage::add_selections;
 use crate::text::{PAD, Vocab};
 use crate::train::checkpoint::{PartialEpoch, TrainState, load_checkpoint};
 use crate::train::clevr::{OnBatch, adam, argmax_rows};
@@ -281,13 +282,9 @@ pub fn evaluate_vqa(
         on_batch(predictions.len(), items.len());
         for (bi, g) in out.gates.iter().enumerate() {
             for (row, item) in g.indices.iter().zip(chunk) {
-                let typed = by_type
-                    .entry(item.answer_type.clone())
-                    .or_insert_with(|| vec![vec![0u64; paths]; blocks]);
-                for &e in row {
-                    usage[bi][e] += 1;
-                    typed[bi][e] += 1;
-                }
+                add_selections(&mut usage, bi, paths, row);
+                let typed = by_type.entry(item.answer_type.clone()).or_default();
+                add_selections(typed, bi, paths, row);
             }
         }
     }
