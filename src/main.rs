@@ -137,6 +137,10 @@ enum Command {
         /// CNN time per image, a point per k, into this PNG.
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
+        /// Also draw which experts each question type (VQA: answer type)
+        /// chose, a panel per block, into this PNG (one k only).
+        #[arg(long)]
+        plot_experts: Option<std::path::PathBuf>,
         /// Print JSON (one object per k, a line each).
         #[arg(long)]
         json: bool,
@@ -565,6 +569,14 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
 
 /// Refuses a plot destination that cannot be written as a PNG before any
 /// work is done: its name must end in `.png` and its folder must exist.
+/// The run directory's own name, for titles.
+fn run_name(run: &Path) -> String {
+    run.file_name().map_or_else(
+        || run.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
 fn check_png_out(out: &std::path::Path) -> Result<()> {
     let png = out
         .extension()
@@ -735,6 +747,7 @@ fn cmd_eval(
         cnn_ms_per_image: report.cnn_ms_per_image,
         accuracy: Some(report.accuracy),
         questions_per_s: report.questions_per_s,
+        usage_by_group: report.expert_usage_per_family,
     })
 }
 
@@ -1764,12 +1777,16 @@ fn run(cli: Cli) -> Result<()> {
             k,
             runner,
             plot,
+            plot_experts,
             json,
         } => {
             let device = pick_device(&cli.device)?;
             let base = runner.resolve(&run, None, &device)?;
-            if let Some(p) = &plot {
+            for p in plot.iter().chain(&plot_experts) {
                 check_png_out(p)?;
+            }
+            if plot_experts.is_some() && k.len() > 1 {
+                bail!("--plot-experts: draws one k; give at most one --k");
             }
             if let Some(bad) = k.iter().find(|&&k| k == 0) {
                 bail!("--k {bad}: expected at least 1 path per block");
@@ -1800,12 +1817,23 @@ fn run(cli: Cli) -> Result<()> {
                 print_sweep(&split, &rows);
             }
             if let Some(p) = &plot {
-                let name = run.file_name().map_or_else(
-                    || run.display().to_string(),
-                    |n| n.to_string_lossy().into_owned(),
+                let title = format!(
+                    "{}: accuracy against CNN cost, by k ({split})",
+                    run_name(&run)
                 );
-                let title = format!("{name}: accuracy against CNN cost, by k ({split})");
                 moevqa::train::plot::draw_sweep(&rows, &title, p)?;
+                if !json {
+                    println!("wrote {}", p.display());
+                }
+            }
+            if let (Some(p), Some(row)) = (&plot_experts, rows.first()) {
+                let group = if vqa { "answer type" } else { "question type" };
+                let title = format!(
+                    "{}: experts chosen by {group} at k = {} ({split}; shade: share of its questions)",
+                    run_name(&run),
+                    row.k
+                );
+                moevqa::train::plot::draw_expert_usage(&row.usage_by_group, row.k, &title, p)?;
                 if !json {
                     println!("wrote {}", p.display());
                 }

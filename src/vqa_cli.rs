@@ -297,6 +297,7 @@ pub fn cmd_eval_vqa(
         cnn_ms_per_image: r.cnn_ms_per_image,
         accuracy: r.score.as_ref().map(|s| s.overall),
         questions_per_s: r.questions_per_s,
+        usage_by_group: r.expert_usage_per_answer_type,
     })
 }
 

@@ -220,6 +220,39 @@ fn generate_train_eval_predict_answer_resume() {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     assert_eq!(ks, ["12", "6", "3"], "{text}");
+    // Which experts each question type chose: a panel per block.
+    let experts = root.join("experts.png");
+    let e = experts.to_str().unwrap();
+    let said = ok(moevqa(&[
+        "eval",
+        "--run",
+        r,
+        "--data",
+        d,
+        "--k",
+        "3",
+        "--plot-experts",
+        e,
+    ]));
+    assert!(String::from_utf8_lossy(&said.stdout).contains("wrote "));
+    let img = image::open(&experts).unwrap().to_rgb8();
+    assert_eq!(img.width(), 1200);
+    assert_one_line_error(
+        &moevqa(&[
+            "eval",
+            "--run",
+            r,
+            "--data",
+            d,
+            "--k",
+            "6",
+            "--k",
+            "3",
+            "--plot-experts",
+            e,
+        ]),
+        "--plot-experts",
+    );
     assert_one_line_error(
         &moevqa(&["eval", "--run", r, "--data", d, "--k", "0"]),
         "--k 0",

@@ -4,6 +4,9 @@
 //! `families` one validation line per question type (CLEVR `by_family`,
 //! VQA `per_answer_type`).
 //!
+//! [`draw_expert_usage`] draws which experts each question type chose, a
+//! panel per block.
+//!
 //! [`draw_sweep`] draws an `eval` sweep over k: accuracy against the CNN's
 //! MACs and against its measured time per image, a point per k, so the
 //! cost of each k (the paper's Tables 1 and 2 trade-off) is seen at once.
@@ -12,6 +15,7 @@
 //! (`assets/DejaVuSans.ttf`, Bitstream Vera licence in
 //! `assets/DejaVuSans.LICENSE`), so plotting needs no system fonts.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -21,6 +25,7 @@ use serde_json::Value;
 use super::TrainError;
 use super::report::{RunMetrics, families_of, train_of, val_of};
 use super::run::io_err;
+use crate::moe::usage::Usage;
 
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
@@ -202,6 +207,9 @@ pub struct SweepRow {
     /// annotations).
     pub accuracy: Option<f64>,
     pub questions_per_s: f64,
+    /// Expert usage per question type (VQA: answer type), for
+    /// [`draw_expert_usage`].
+    pub usage_by_group: BTreeMap<String, Usage>,
 }
 
 /// A padded axis range over `v` (at least `min_span` wide), clamped to
@@ -303,6 +311,109 @@ pub fn draw_sweep(rows: &[SweepRow], title: &str, out: &Path) -> Result<(), Trai
     root.present().map_err(|e| fail(&e))
 }
 
+/// The shade of a share in [0, 1]: white to the first colour.
+fn shade(share: f64) -> RGBColor {
+    let (r, g, b) = COLORS[0];
+    let mix = |c: u8| (255.0 - share.clamp(0.0, 1.0) * (255.0 - c as f64)).round() as u8;
+    RGBColor(mix(r), mix(g), mix(b))
+}
+
+/// Draws which experts each group of questions (CLEVR question type, VQA
+/// answer type) chose at `k`: a panel per block, three to a row, a row per
+/// group, a column per expert, the cell shaded by the share of the group's
+/// questions that chose that expert (white 0, blue 1). `by_group` is
+/// `expert_usage_per_family` (or `_per_answer_type`) of an evaluation.
+pub fn draw_expert_usage(
+    by_group: &BTreeMap<String, Usage>,
+    k: usize,
+    title: &str,
+    out: &Path,
+) -> Result<(), TrainError> {
+    let groups: Vec<(&String, &Usage)> = by_group
+        .iter()
+        .filter(|(_, u)| u.iter().flatten().any(|&c| c > 0))
+        .collect();
+    let blocks = groups.iter().map(|(_, u)| u.len()).max().unwrap_or(0);
+    if blocks == 0 || k == 0 {
+        return Err(TrainError::Input(format!(
+            "{}: no expert usage to plot (no question was evaluated)",
+            out.display()
+        )));
+    }
+    register_font()?;
+    let fail = |e: &dyn std::fmt::Display| io_err(out, e);
+    let cols = blocks.min(3);
+    let rows = blocks.div_ceil(cols);
+    let panel = (70 + 24 * groups.len()) as u32;
+    let root = BitMapBackend::new(out, (1200, 50 + rows as u32 * panel)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let root = root
+        .titled(title, ("sans-serif", 20))
+        .map_err(|e| fail(&e))?;
+    let names: Vec<&str> = groups.iter().map(|(n, _)| n.as_str()).collect();
+    let label_w = names.iter().map(|n| n.chars().count()).max().unwrap_or(0) as u32 * 8 + 12;
+    for (b, area) in root
+        .split_evenly((rows, cols))
+        .iter()
+        .enumerate()
+        .take(blocks)
+    {
+        let paths = groups
+            .iter()
+            .filter_map(|(_, u)| u.get(b))
+            .map(Vec::len)
+            .max();
+        let paths = paths.unwrap_or(0) as i32;
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("block {}", b + 1), ("sans-serif", 15))
+            .margin(6)
+            .x_label_area_size(26)
+            .y_label_area_size(label_w)
+            // A segmented a..b has a segment for each of a..=b.
+            .build_cartesian_2d(
+                (0..paths - 1).into_segmented(),
+                (0..groups.len() as i32 - 1).into_segmented(),
+            )
+            .map_err(|e| fail(&e))?;
+        let label = |v: &SegmentValue<i32>| match v {
+            SegmentValue::CenterOf(i) => Some(*i),
+            _ => None,
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(paths as usize)
+            .y_labels(groups.len())
+            .x_label_formatter(&|v| label(v).map_or(String::new(), |i| i.to_string()))
+            .y_label_formatter(&|v| {
+                label(v)
+                    .and_then(|i| names.get(i as usize))
+                    .map_or(String::new(), |n| n.to_string())
+            })
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|e| fail(&e))?;
+        let cells = groups.iter().enumerate().flat_map(|(g, (_, u))| {
+            let row = u.get(b).map_or(&[][..], Vec::as_slice);
+            // Each question chose k experts in each block.
+            let questions =
+                (u.first().map_or(0, |r| r.iter().sum::<u64>()) as f64 / k as f64).max(1.0);
+            row.iter().enumerate().map(move |(e, &c)| {
+                let (e, g) = (e as i32, g as i32);
+                Rectangle::new(
+                    [
+                        (SegmentValue::Exact(e), SegmentValue::Exact(g)),
+                        (SegmentValue::Exact(e + 1), SegmentValue::Exact(g + 1)),
+                    ],
+                    shade(c as f64 / questions).filled(),
+                )
+            })
+        });
+        chart.draw_series(cells).map_err(|e| fail(&e))?;
+    }
+    root.present().map_err(|e| fail(&e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +482,40 @@ mod tests {
     }
 
     #[test]
+    fn draw_expert_usage_shades_each_group_and_block() {
+        let dir = run_dir("experts", &CLEVR);
+        // k = 2 over 4 experts: "a" (10 questions) always picks 0 and 1 in
+        // block 1; "b" (4 questions) splits its picks in both blocks.
+        let by: BTreeMap<String, Usage> = [
+            ("a".to_string(), vec![vec![10, 10, 0, 0], vec![5, 5, 5, 5]]),
+            ("b".to_string(), vec![vec![2, 2, 2, 2], vec![0, 4, 4, 0]]),
+        ]
+        .into_iter()
+        .collect();
+        let out = dir.join("experts.png");
+        draw_expert_usage(&by, 2, "experts", &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        assert_eq!(img.width(), 1200);
+        let count = |c: RGBColor| img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count();
+        // Share 1 (a's two experts in block 1, b's two in block 2) and
+        // share 0.5 (a in block 2, b in block 1) are both drawn.
+        let (full, half) = (count(shade(1.0)), count(shade(0.5)));
+        assert!(full > 200 && half > 200, "{full} {half}");
+        assert_eq!(shade(1.0), color(0));
+        assert_eq!(shade(0.0), WHITE);
+        // Nothing evaluated: an error naming the file, no file.
+        let empty = dir.join("empty.png");
+        let e = draw_expert_usage(&BTreeMap::new(), 2, "t", &empty)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("empty.png") && e.contains("no expert usage"),
+            "{e}"
+        );
+        assert!(!empty.exists());
+    }
+
+    #[test]
     fn draw_sweep_plots_each_k_against_macs_and_time() {
         let dir = run_dir("sweep", &CLEVR);
         let row = |k, macs, ms, acc| SweepRow {
@@ -379,6 +524,7 @@ mod tests {
             cnn_ms_per_image: ms,
             accuracy: acc,
             questions_per_s: 100.0,
+            usage_by_group: BTreeMap::new(),
         };
         let has = |img: &image::RgbImage, i| {
             let RGBColor(r, g, b) = color(i);
