@@ -567,8 +567,6 @@ fn cmd_train(device: &Device, a: TrainArgs) -> Result<()> {
     print_json_lines(a.json, &lines)
 }
 
-/// Refuses a plot destination that cannot be written as a PNG before any
-/// work is done: its name must end in `.png` and its folder must exist.
 /// The run directory's own name, for titles.
 fn run_name(run: &Path) -> String {
     run.file_name().map_or_else(
@@ -577,6 +575,8 @@ fn run_name(run: &Path) -> String {
     )
 }
 
+/// Refuses a plot destination that cannot be written as a PNG before any
+/// work is done: its name must end in `.png` and its folder must exist.
 fn check_png_out(out: &std::path::Path) -> Result<()> {
     let png = out
         .extension()

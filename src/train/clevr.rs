@@ -234,12 +234,12 @@ pub fn evaluate(
         let refs: Vec<&Encoded> = chunk.iter().collect();
         let b = make_batch(&refs, image_size, device)?;
         let out = model.forward_eval(b.images, b.tokens, &b.lengths, k, cnn)?;
-        for (bi, g) in out.gates.iter().enumerate() {
-            let paths = g.values.dims()[1];
-            for (sel, e) in g.indices.iter().zip(chunk) {
-                add_selections(&mut usage, bi, paths, sel);
-                let by = by_family.entry(e.family.clone()).or_default();
-                add_selections(by, bi, paths, sel);
+        for (i, e) in chunk.iter().enumerate() {
+            let by = by_family.entry(e.family.clone()).or_default();
+            for (bi, g) in out.gates.iter().enumerate() {
+                let paths = g.values.dims()[1];
+                add_selections(&mut usage, bi, paths, &g.indices[i]);
+                add_selections(by, bi, paths, &g.indices[i]);
             }
         }
         let pred = argmax_rows(out.logits)?;

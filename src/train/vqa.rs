@@ -280,11 +280,11 @@ pub fn evaluate_vqa(
             predictions.push((item.question_id, answers.answer(a).to_string()));
         }
         on_batch(predictions.len(), items.len());
-        for (bi, g) in out.gates.iter().enumerate() {
-            for (row, item) in g.indices.iter().zip(chunk) {
-                add_selections(&mut usage, bi, paths, row);
-                let typed = by_type.entry(item.answer_type.clone()).or_default();
-                add_selections(typed, bi, paths, row);
+        for (i, item) in chunk.iter().enumerate() {
+            let typed = by_type.entry(item.answer_type.clone()).or_default();
+            for (bi, g) in out.gates.iter().enumerate() {
+                add_selections(&mut usage, bi, paths, &g.indices[i]);
+                add_selections(typed, bi, paths, &g.indices[i]);
             }
         }
     }
