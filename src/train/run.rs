@@ -597,21 +597,19 @@ pub fn record_epoch<M: Module + std::fmt::Display>(
     save_checkpoint(&paths.checkpoint, model, optim, &state)
         .map_err(|e| TrainError::Io(e.to_string()))?;
     append_metrics(&paths.metrics, line)?;
-    let best = keep_best(paths)?.is_some();
+    let best = keep_best(paths, &state)?.is_some();
     Ok((state.metrics, best))
 }
 
 /// Keeps `RUN/best` at the run's best epoch so far: when the run's
-/// checkpoint is the end of an epoch whose validation accuracy (or VQA
+/// checkpoint (whose state is `state`) is the end of an epoch whose validation accuracy (or VQA
 /// score) in `metrics.jsonl` beats every earlier epoch's, and `RUN/best`
 /// holds something else, the checkpoint is copied there
 /// ([`copy_checkpoint`]: hard links, atomic). Returns that epoch when it
 /// copied. Called after each epoch's checkpoint, and on a resume, which
 /// also mends a run killed between the two (or saved before runs kept
 /// their best: it gets one once its last epoch is its best).
-pub fn keep_best(paths: &RunPaths) -> Result<Option<u64>, TrainError> {
-    let ckpt_err = |e: crate::train::checkpoint::CheckpointError| TrainError::Io(e.to_string());
-    let state = load_train_state(&paths.checkpoint).map_err(ckpt_err)?;
+pub fn keep_best(paths: &RunPaths, state: &TrainState) -> Result<Option<u64>, TrainError> {
     if state.partial.is_some() || state.epoch == 0 {
         return Ok(None);
     }
@@ -626,7 +624,7 @@ pub fn keep_best(paths: &RunPaths) -> Result<Option<u64>, TrainError> {
     {
         return Ok(None);
     }
-    copy_checkpoint(&paths.checkpoint, &paths.best).map_err(ckpt_err)?;
+    copy_checkpoint(&paths.checkpoint, &paths.best).map_err(|e| TrainError::Io(e.to_string()))?;
     Ok(Some(state.epoch as u64))
 }
 
@@ -696,7 +694,7 @@ pub fn resume_from<M: Module + std::fmt::Display>(
     let (m, o, state) = load_checkpoint(&paths.checkpoint, model, optim, device)
         .map_err(|e| TrainError::Io(e.to_string()))?;
     rewrite_metrics(&paths.metrics, &state)?;
-    keep_best(paths)?;
+    keep_best(paths, &state)?;
     Ok((m, o, state))
 }
 
