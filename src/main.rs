@@ -351,6 +351,29 @@ impl TenthLines {
 struct BarProgress {
     bar: Option<indicatif::ProgressBar>,
     lines: TenthLines,
+    /// The epoch in progress (from 0) and the run's epochs, for the run's ETA.
+    epoch: usize,
+    epochs: usize,
+}
+
+impl BarProgress {
+    /// " (run: about 2 h 05 min left)" while later epochs remain, else nothing.
+    fn run_left(&self, done: usize, rate: f64) -> String {
+        if self.epoch + 1 >= self.epochs || rate <= 0.0 {
+            return String::new();
+        }
+        let left = moevqa::train::run::run_seconds_left(
+            self.epoch,
+            self.epochs,
+            self.lines.total,
+            done,
+            rate,
+        );
+        format!(
+            " (run: about {} left)",
+            moevqa::train::run::duration_text(left)
+        )
+    }
 }
 
 impl moevqa::train::run::Progress for BarProgress {
@@ -365,19 +388,22 @@ impl moevqa::train::run::Progress for BarProgress {
         bar.reset_eta();
         self.lines = TenthLines::new(total, done);
         self.bar = Some(bar);
+        (self.epoch, self.epochs) = (epoch, epochs);
     }
     fn batch(&mut self, done: usize, loss: f64, accuracy: f64) {
-        if let Some(b) = &self.bar {
-            b.set_position(done as u64);
-            b.set_message(format!("loss {loss:.4} acc {accuracy:.1}%"));
-            if b.is_hidden()
-                && let Some((rate, eta)) = self.lines.due(done)
-            {
-                eprintln!(
-                    "  {done}/{} questions, loss {loss:.4}, acc {accuracy:.1}%, {rate:.0} questions/s, ETA {eta:.0} s",
-                    self.lines.total
-                );
-            }
+        let Some(b) = &self.bar else { return };
+        b.set_position(done as u64);
+        if !b.is_hidden() {
+            let run_left = self.run_left(done, b.per_sec());
+            b.set_message(format!("loss {loss:.4} acc {accuracy:.1}%{run_left}"));
+        } else if let Some((rate, eta)) = self.lines.due(done) {
+            eprintln!(
+                "  epoch {}/{}: {done}/{} questions, loss {loss:.4}, acc {accuracy:.1}%, {rate:.0} questions/s, ETA {eta:.0} s{}",
+                self.epoch + 1,
+                self.epochs,
+                self.lines.total,
+                self.run_left(done, rate)
+            );
         }
     }
     fn resumed(
@@ -493,6 +519,8 @@ fn new_progress() -> BarProgress {
     BarProgress {
         bar: None,
         lines: TenthLines::new(0, 0),
+        epoch: 0,
+        epochs: 0,
     }
 }
 
@@ -793,22 +821,28 @@ pub(crate) fn cnn_time_text(ms: Option<f64>) -> String {
 enum GenerateCommand {
     /// A small VQA-v2-layout set from generated scenes: COCO-named JPEGs, questions, ten human answers each.
     Vqa2 {
-        /// Output directory.
+        /// Output directory (created; existing files of the same names are replaced).
         #[arg(long)]
         out: std::path::PathBuf,
+        /// Images of the train split.
         #[arg(long, default_value_t = 2000)]
         train_images: usize,
+        /// Images of the validation split.
         #[arg(long, default_value_t = 500)]
         val_images: usize,
+        /// Images of test2015 (test-dev2015 asks about the first half of them).
         #[arg(long, default_value_t = 500)]
         test_images: usize,
+        /// Questions per image.
         #[arg(long, default_value_t = 5)]
         questions_per_image: usize,
         /// JPEG side in pixels (32 to 1024).
         #[arg(long, default_value_t = 64)]
         image_size: u32,
+        /// Random seed: the same seed writes the same files.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -818,15 +852,19 @@ enum GenerateCommand {
         /// Output directory (created; existing files of the same names are replaced).
         #[arg(long)]
         out: std::path::PathBuf,
+        /// Images of the train split.
         #[arg(long, default_value_t = 2000)]
         train_images: usize,
+        /// Images of the validation split.
         #[arg(long, default_value_t = 200)]
         val_images: usize,
+        /// Questions per image (spread over the question families).
         #[arg(long, default_value_t = 10)]
         questions_per_image: usize,
         /// Image side in pixels (at least 64).
         #[arg(long, default_value_t = 128)]
         image_size: u32,
+        /// Random seed: the same seed writes the same files.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Print the summary as JSON.
@@ -838,10 +876,13 @@ enum GenerateCommand {
         /// Output directory (created; existing files of the same names are replaced).
         #[arg(long)]
         out: std::path::PathBuf,
+        /// Images of the train split.
         #[arg(long, default_value_t = 9800)]
         train_images: usize,
+        /// Images of the validation split.
         #[arg(long, default_value_t = 200)]
         val_images: usize,
+        /// Random seed: the same seed writes the same files.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Print the summary as JSON.

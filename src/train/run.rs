@@ -176,6 +176,24 @@ pub fn saved_checkpoint_every(out: &Path) -> Option<usize> {
     every.and_then(|e| usize::try_from(e).ok())
 }
 
+/// Seconds left in a run at `rate` questions/s, in epoch `epoch` (from 0)
+/// of `epochs`, each of `total` questions, `done` of this one done: the rest
+/// of this epoch and all later ones. Validation is not counted.
+pub fn run_seconds_left(epoch: usize, epochs: usize, total: usize, done: usize, rate: f64) -> f64 {
+    let later = epochs.saturating_sub(epoch + 1) * total;
+    (total.saturating_sub(done) + later) as f64 / rate.max(1e-9)
+}
+
+/// A duration for people: "45 s", "12 min 05 s", "2 h 05 min".
+pub fn duration_text(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {:02} s", s / 60, s % 60),
+        _ => format!("{} h {:02} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
 /// Progress callbacks of [`train`].
 pub trait Progress {
     /// Start of an epoch of `total` questions, `done` of them already
@@ -1011,6 +1029,30 @@ pub fn chosen_experts(gates: &[crate::moe::Gates]) -> Result<Vec<Vec<(usize, f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_seconds_left_counts_this_epoch_and_later_ones() {
+        // Epoch 16 of 20 (index 15), 58,816 of 196,000 done, 100 questions/s:
+        // 137,184 left in it and 4 more epochs.
+        let s = run_seconds_left(15, 20, 196_000, 58_816, 100.0);
+        assert!((s - (137_184.0 + 4.0 * 196_000.0) / 100.0).abs() < 1e-6);
+        // The last epoch: only its rest.
+        assert!((run_seconds_left(19, 20, 1000, 400, 10.0) - 60.0).abs() < 1e-9);
+        // A finished run has nothing left, and a zero rate does not divide by 0.
+        assert_eq!(run_seconds_left(20, 20, 1000, 1000, 10.0), 0.0);
+        assert!(run_seconds_left(0, 1, 10, 0, 0.0).is_finite());
+    }
+
+    #[test]
+    fn duration_text_picks_units() {
+        assert_eq!(duration_text(0.4), "0 s");
+        assert_eq!(duration_text(59.4), "59 s");
+        assert_eq!(duration_text(60.0), "1 min 00 s");
+        assert_eq!(duration_text(725.0), "12 min 05 s");
+        assert_eq!(duration_text(3599.0), "59 min 59 s");
+        assert_eq!(duration_text(7500.0), "2 h 05 min");
+        assert_eq!(duration_text(-3.0), "0 s");
+    }
 
     #[test]
     fn a_resumed_epoch_must_split_as_it_did() {
