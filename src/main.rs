@@ -141,6 +141,10 @@ enum Command {
         /// chose, a panel per block, into this PNG (one k only).
         #[arg(long)]
         plot_experts: Option<std::path::PathBuf>,
+        /// Also show which wrong answers each question type gave, for each
+        /// right answer (CLEVR runs; `--json`: the whole confusion).
+        #[arg(long)]
+        confusion: bool,
         /// Print JSON (one object per k, a line each).
         #[arg(long)]
         json: bool,
@@ -701,6 +705,9 @@ struct EvalJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     cnn_ms_per_image: Option<f64>,
     dead_units: Option<&'a moevqa::models::relation_network::DeadUnits>,
+    /// With `--confusion`: per question type, right answer, given answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    confusion: Option<&'a moevqa::metrics::confusion::Confusion>,
 }
 
 use moevqa::train::plot::SweepRow;
@@ -735,6 +742,7 @@ fn cmd_eval(
     data: &std::path::Path,
     split: &str,
     inf: Inference,
+    confusion: bool,
     json: bool,
 ) -> Result<SweepRow> {
     let mut bar = EvalBar::eval(split, inf.k);
@@ -764,10 +772,14 @@ fn cmd_eval(
             questions_per_s: report.questions_per_s,
             cnn_ms_per_image: report.cnn_ms_per_image,
             dead_units: report.dead_units.as_ref(),
+            confusion: confusion.then_some(&report.confusion),
         };
         println!("{}", serde_json::to_string(&j)?);
     } else {
         print_eval(split, &report, macs.cnn_macs);
+        if confusion {
+            print_mistakes(&report.confusion);
+        }
     }
     Ok(SweepRow {
         k: report.k,
@@ -797,6 +809,25 @@ fn print_eval(split: &str, report: &moevqa::train::clevr::EvalReport, cnn_macs: 
     println!("{}", specialisation_text("question type", &spec));
     if let Some(d) = &report.dead_units {
         println!("{d}");
+    }
+}
+
+/// The most frequent wrong answers of each question type.
+fn print_mistakes(c: &moevqa::metrics::confusion::Confusion) {
+    let top = moevqa::metrics::confusion::top_mistakes(c, 3);
+    if top.is_empty() {
+        println!("no wrong answers (or no answers in this split)");
+        return;
+    }
+    println!(
+        "most frequent wrong answers (right -> given: questions, of those with that right answer):"
+    );
+    for (family, mistakes) in &top {
+        let list: Vec<String> = mistakes
+            .iter()
+            .map(|m| format!("{} -> {}: {} of {}", m.right, m.given, m.count, m.of))
+            .collect();
+        println!("  {family:<20} {}", list.join("; "));
     }
 }
 
@@ -1819,6 +1850,7 @@ fn run(cli: Cli) -> Result<()> {
             runner,
             plot,
             plot_experts,
+            confusion,
             json,
         } => {
             let device = pick_device(&cli.device)?;
@@ -1838,6 +1870,11 @@ fn run(cli: Cli) -> Result<()> {
                 k.iter().copied().map(Some).collect()
             };
             let vqa = run_kind(&run, dataset.as_deref())? == "vqa2";
+            if confusion && vqa {
+                bail!(
+                    "--confusion: CLEVR runs only (a VQA answer is scored against ten human answers; see per_question_type)"
+                );
+            }
             let split = split.unwrap_or_else(|| if vqa { "val2014" } else { "val" }.into());
             if plot.is_some() && vqa && !moevqa::data::vqa2::has_annotations(&split) {
                 bail!("--plot: {split} has no annotations, so no accuracy to plot (use val2014)");
@@ -1851,7 +1888,7 @@ fn run(cli: Cli) -> Result<()> {
                 rows.push(if vqa {
                     vqa_cli::cmd_eval_vqa(&device, &run, &data, &split, inf, json)?
                 } else {
-                    cmd_eval(&device, &run, &data, &split, inf, json)?
+                    cmd_eval(&device, &run, &data, &split, inf, confusion, json)?
                 });
             }
             if rows.len() > 1 && !json {

@@ -153,12 +153,44 @@ fn generate_train_eval_predict_answer_resume() {
     // The default engine on the CPU is the fast path; Burn's own ops give
     // the same answers and experts.
     let burn = ok(moevqa(&[
-        "eval", "--run", r, "--data", d, "--k", "3", "--json", "--engine", "burn",
+        "eval",
+        "--run",
+        r,
+        "--data",
+        d,
+        "--k",
+        "3",
+        "--json",
+        "--engine",
+        "burn",
+        "--confusion",
     ]));
     let b = stdout_json(&burn);
     for key in ["accuracy", "by_family", "expert_usage"] {
         assert_eq!(b[key], v[key], "{key}");
     }
+    // --confusion: per question type, right answer against given answer.
+    // Every val question lands once, and the right-and-given cells of a
+    // type give its accuracy.
+    assert!(v.get("confusion").is_none(), "{v}");
+    let confusion = b["confusion"].as_object().unwrap();
+    assert_eq!(confusion.len(), v["by_family"].as_object().unwrap().len());
+    let mut questions = 0;
+    for (family, by_right) in confusion {
+        let (mut right, mut all) = (0, 0);
+        for (answer, given) in by_right.as_object().unwrap() {
+            for (g, n) in given.as_object().unwrap() {
+                let n = n.as_u64().unwrap();
+                all += n;
+                right += if g == answer { n } else { 0 };
+            }
+        }
+        let pct = 100.0 * right as f64 / all as f64;
+        let want = v["by_family"][family].as_f64().unwrap();
+        assert!((pct - want).abs() < 1e-9, "{family}: {pct} against {want}");
+        questions += all;
+    }
+    assert_eq!(questions, 40);
     assert_eq!(
         (v["engine"].as_str(), b["engine"].as_str()),
         (Some("fast"), Some("burn"))
@@ -233,8 +265,14 @@ fn generate_train_eval_predict_answer_resume() {
         "3",
         "--plot-experts",
         e,
+        "--confusion",
     ]));
-    assert!(String::from_utf8_lossy(&said.stdout).contains("wrote "));
+    let said = String::from_utf8_lossy(&said.stdout);
+    assert!(said.contains("wrote "), "{said}");
+    assert!(
+        said.contains("most frequent wrong answers") || said.contains("no wrong answers"),
+        "{said}"
+    );
     let img = image::open(&experts).unwrap().to_rgb8();
     assert_eq!(img.width(), 1200);
     assert_one_line_error(

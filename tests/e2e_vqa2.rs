@@ -179,6 +179,10 @@ fn generate_train_eval_predict_score_answer() {
     ]);
     assert_one_line_error(&out, "--plot: test2015 has no annotations");
     assert!(out.stdout.is_empty());
+    // The confusion of right and given answers is for CLEVR runs.
+    let out = moevqa(&["eval", "--run", r, "--data", d, "--confusion"]);
+    assert_one_line_error(&out, "--confusion: CLEVR runs only");
+    assert!(out.stdout.is_empty());
     assert_eq!(lines[0]["k"], 8);
     for key in ["k", "accuracy", "expert_usage", "cnn_macs_per_image"] {
         assert_eq!(lines[1][key], ev[key], "{key}");

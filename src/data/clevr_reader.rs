@@ -34,6 +34,14 @@ pub struct ClevrQuestion {
     pub question_type: Option<String>,
 }
 
+impl ClevrQuestion {
+    /// The question type results are grouped by: the program's last
+    /// function, or "unknown" where there is no program (a test split).
+    pub fn family(&self) -> &str {
+        self.question_type.as_deref().unwrap_or("unknown")
+    }
+}
+
 fn last_function<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     #[derive(Deserialize)]
     struct Step {

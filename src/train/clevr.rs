@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::cnn::Execution;
 use crate::data::clevr_reader::{ClevrSplit, load_images};
 use crate::kernels::{Engine, EvalCnn};
+use crate::metrics::confusion::Confusion;
 use crate::models::relation_network::DeadUnits;
 use crate::models::{GatedVqaModel, RelationNetwork, RelationNetworkConfig, RnOutput};
 use crate::moe::BalanceLossConfig;
@@ -62,7 +63,7 @@ pub fn encode_split(
                 tokens,
                 answer: q.answer.as_deref().and_then(|a| answers.get(a)),
                 image: split.image_path(q),
-                family: q.question_type.clone().unwrap_or_else(|| "unknown".into()),
+                family: q.family().to_string(),
             })
         })
         .collect()
@@ -157,6 +158,11 @@ pub struct EvalReport {
     /// ([`probe_dead_units`]); set by `train` and `eval`, not `evaluate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_units: Option<DeadUnits>,
+    /// Per question type, right answer against given answer; filled by
+    /// [`evaluate_run`](crate::train::run::evaluate_run) (`eval`), empty in
+    /// training's validation.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub confusion: Confusion,
     /// Predicted answer index per question, in order.
     #[serde(skip)]
     pub predictions: Vec<usize>,
@@ -273,6 +279,7 @@ pub fn evaluate(
         questions_per_s,
         cnn_ms_per_image,
         dead_units: None,
+        confusion: Confusion::new(),
         predictions,
     })
 }

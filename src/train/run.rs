@@ -14,6 +14,7 @@ use crate::data::clevr_format::write_json_atomic;
 use crate::data::clevr_reader::ClevrSplit;
 use crate::data::fingerprint::DataFingerprint;
 use crate::kernels::{Engine, EvalCnn};
+use crate::metrics::confusion;
 use crate::models::RelationNetworkConfig;
 use crate::models::relation_network::DeadUnits;
 use crate::models::{GatedVqaModel, RelationNetwork};
@@ -912,7 +913,17 @@ pub fn evaluate_run(
     device: &Device,
     on_batch: OnBatch<'_>,
 ) -> Result<(RunConfig, EvalReport), TrainError> {
-    let (r, _, report) = run_over_split(run, data, split, inf, device, true, on_batch)?;
+    let (r, ds, mut report) = run_over_split(run, data, split, inf, device, true, on_batch)?;
+    // Questions without an answer (a test split) have nothing to confuse.
+    report.confusion = confusion::count(ds.questions.iter().zip(&report.predictions).filter_map(
+        |(q, &p)| {
+            Some((
+                q.family(),
+                q.answer.as_deref()?,
+                r.vocab.answers.token(p).unwrap_or(""),
+            ))
+        },
+    ));
     Ok((r.config, report))
 }
 
