@@ -9,8 +9,6 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
-
 /// Per question type, per right answer, how many questions drew each given
 /// answer (`confusion[type][right][given]`).
 pub type Confusion = BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>;
@@ -30,7 +28,7 @@ pub fn count<'a>(rows: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>) ->
 }
 
 /// One kind of wrong answer of a question type.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Mistake {
     pub right: String,
     pub given: String,
