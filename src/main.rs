@@ -987,7 +987,7 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Training steps of the full-size Relation Network on random data: questions/s of a step.
+    /// Training steps of the Relation Network on random data (full size by default): questions/s of a step.
     Train {
         /// `clevr` (the Relation Network on the CNN of Table 4).
         #[arg(long, default_value = "clevr")]
@@ -1006,6 +1006,12 @@ enum BenchCommand {
         /// Untimed warm-up steps.
         #[arg(long, default_value_t = 1)]
         warmup: usize,
+        /// Width of g's four layers (as `train --g-dim`).
+        #[arg(long, default_value_t = 256)]
+        g_dim: usize,
+        /// Width of f's hidden layer (as `train --f-dim`).
+        #[arg(long, default_value_t = 256)]
+        f_dim: usize,
         #[arg(long)]
         json: bool,
     },
@@ -1968,6 +1974,8 @@ fn run(cli: Cli) -> Result<()> {
                 image_size,
                 iters,
                 warmup,
+                g_dim,
+                f_dim,
                 json,
             } => {
                 if model != "clevr" {
@@ -1976,14 +1984,19 @@ fn run(cli: Cli) -> Result<()> {
                 moevqa::moe::check_k(k, CnnLayout::clevr().paths().unwrap_or(12))
                     .map_err(|e| anyhow::anyhow!("--k: {e}"))?;
                 let device = pick_device(&cli.device)?;
-                let r = moevqa::train::clevr::bench_train_step(
-                    batch, k, image_size, iters, warmup, &device,
-                )?;
+                let shape = moevqa::train::clevr::TrainStepShape {
+                    batch,
+                    k,
+                    image_size,
+                    g_dim,
+                    f_dim,
+                };
+                let r = moevqa::train::clevr::bench_train_step(&shape, iters, warmup, &device)?;
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {
                     println!(
-                        "train step, Relation Network (g 4x256, f 256) on the CNN of Table 4, batch {batch}, k = {k}, {image_size}x{image_size}: {:.1} ms/step (median of {iters}), {:.1} questions/s",
+                        "train step, Relation Network (g 4x{g_dim}, f {f_dim}) on the CNN of Table 4, batch {batch}, k = {k}, {image_size}x{image_size}: {:.1} ms/step (median of {iters}), {:.1} questions/s",
                         r.step_ms, r.questions_per_s
                     );
                 }

@@ -118,6 +118,10 @@ fn bad_input_gives_one_line_errors() {
     );
     assert_one_line_error(&moevqa(&["bench", "train", "--k", "0"]), "--k: k = 0");
     assert_one_line_error(
+        &moevqa(&["bench", "train", "--g-dim", "0"]),
+        "--g-dim and --f-dim must be at least 1",
+    );
+    assert_one_line_error(
         &moevqa(&["plot", "--run", "/nonexistent/run", "--out", "/tmp/x.png"]),
         "/nonexistent/run/metrics.jsonl",
     );
@@ -287,6 +291,32 @@ fn bench_fast_engine_and_whole_cnn_json() {
     ]);
     let v = stdout_json(&ok(out));
     assert!(v["bench"]["efficiency"].as_f64().is_some());
+    // bench train: the widths asked for are the widths timed (and echoed).
+    let out = moevqa(&[
+        "bench",
+        "train",
+        "--batch",
+        "2",
+        "--k",
+        "6",
+        "--image-size",
+        "32",
+        "--g-dim",
+        "16",
+        "--f-dim",
+        "8",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    let t = stdout_json(&ok(out));
+    assert_eq!(
+        (t["g_dim"].as_u64(), t["f_dim"].as_u64()),
+        (Some(16), Some(8))
+    );
+    assert!(t["questions_per_s"].as_f64().unwrap() > 0.0);
     for (net, gated) in [("dense", false), ("sparse", true)] {
         let p = &v["profile"][net];
         let blocks = p["blocks"].as_array().unwrap();

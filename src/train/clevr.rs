@@ -594,32 +594,58 @@ pub struct TrainStepBench {
     pub batch: usize,
     pub k: usize,
     pub image_size: u32,
+    pub g_dim: usize,
+    pub f_dim: usize,
     pub iters: usize,
     /// Median milliseconds of one step (forward, loss, backward, Adam).
     pub step_ms: f64,
     pub questions_per_s: f64,
 }
 
+/// What `bench_train_step` trains: batch, k, input size and the widths
+/// of g and f (the full-size model is g 4x256, f 256).
+#[derive(Debug, Clone)]
+pub struct TrainStepShape {
+    pub batch: usize,
+    pub k: usize,
+    pub image_size: u32,
+    pub g_dim: usize,
+    pub f_dim: usize,
+}
+
 /// Times `iters` training steps (after `warmup` untimed ones) of the
-/// full-size Relation Network (g 4x256, f 256, LSTM 128) on random images
-/// and questions of 10 words: the cost of a step, without data loading.
+/// Relation Network of `shape` (LSTM 128) on random images and questions
+/// of 10 words: the cost of a step, without data loading.
 pub fn bench_train_step(
-    batch: usize,
-    k: usize,
-    image_size: u32,
+    shape: &TrainStepShape,
     iters: usize,
     warmup: usize,
     device: &Device,
 ) -> Result<TrainStepBench, TrainError> {
     use burn::tensor::Distribution;
+    let TrainStepShape {
+        batch,
+        k,
+        image_size,
+        g_dim,
+        f_dim,
+    } = *shape;
     if batch == 0 || iters == 0 {
         return Err(TrainError::Input(
             "--batch and --iters must be at least 1".into(),
         ));
     }
+    if g_dim == 0 || f_dim == 0 {
+        return Err(TrainError::Input(
+            "--g-dim and --f-dim must be at least 1".into(),
+        ));
+    }
     let ad = device.clone().autodiff();
     ad.seed(1);
-    let mut model = RelationNetworkConfig::new(80, 10, k).init(&ad)?;
+    let mut model = RelationNetworkConfig::new(80, 10, k)
+        .with_g_dim(g_dim)
+        .with_f_dim(f_dim)
+        .init(&ad)?;
     let mut optim = adam();
     let s = image_size as usize;
     let images = Tensor::<4>::random([batch, 3, s, s], Distribution::Normal(0.0, 1.0), &ad);
@@ -653,6 +679,8 @@ pub fn bench_train_step(
         batch,
         k,
         image_size,
+        g_dim,
+        f_dim,
         iters,
         step_ms,
         questions_per_s: batch as f64 / (step_ms / 1e3),
