@@ -10,9 +10,13 @@
 # 5: 196,000 questions an epoch, 20 epochs, k = 12 and 6 side by side on one
 # thread each; about 12 hours of both cores on the Xeon, 10 on Zen 5): run
 # the step again after an interruption and both runs continue from their
-# last checkpoints, at most a tenth of an epoch back.
+# last checkpoints, at most a tenth of an epoch back. `clevr2dfull` is the
+# long clevr-2d table of the README (issue 3, point 5: 20,000 images, 194,571
+# questions an epoch, 10 epochs at 64x64 with g and f 128, k = 12, 6 and 3
+# side by side on one thread each; about 4 hours of both cores on Zen 4),
+# resumable the same way.
 # Usage: bench/results.sh [OUT] [STEP...] (steps: demo clevr2d vqa2 soc soc1k
-# socfull; default the first three). Each step writes JSON to OUT.
+# socfull clevr2dfull; default the first three). Each step writes JSON to OUT.
 set -euo pipefail
 OUT=${1:-results}
 shift || true
@@ -70,6 +74,30 @@ for step in $STEPS; do
     for k in 12 6; do
       $B plot --run "$OUT/socfull-k$k" --families --out "$OUT/socfull-k$k-families.png" \
         --title "Sort-of-CLEVR, k = $k, val accuracy per question type"
+    done ;;
+  clevr2dfull)
+    [ -d "$OUT/c2d-data" ] ||
+      $B generate clevr-2d --out "$OUT/c2d-data" --train-images 20000 --val-images 500 \
+        --image-size 80 --seed 1
+    pids=()
+    for k in 12 6 3; do
+      RAYON_NUM_THREADS=1 $B train --data "$OUT/c2d-data" --out "$OUT/c2d64-k$k" --k $k \
+        --epochs 10 --batch 64 --lr 2.5e-4 --image-size 64 --g-dim 128 --f-dim 128 \
+        --checkpoint-every 19456 --resume >> "$OUT/c2d64-k$k.log" 2>&1 &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+    for k in 12 6 3; do
+      $B eval --run "$OUT/c2d64-k$k" --data "$OUT/c2d-data" --confusion --json \
+        > "$OUT/c2d64-k$k.json"
+    done
+    $B report --run "$OUT/c2d64-k12" --run "$OUT/c2d64-k6" --run "$OUT/c2d64-k3" \
+      > "$OUT/c2d64-report.md"
+    $B plot --run "$OUT/c2d64-k12" --run "$OUT/c2d64-k6" --run "$OUT/c2d64-k3" \
+      --out "$OUT/c2d64-curves.png" --title "clevr-2d, 64x64, g and f 128, batch 64, lr 2.5e-4"
+    for k in 12 6 3; do
+      $B plot --run "$OUT/c2d64-k$k" --families --out "$OUT/c2d64-k$k-families.png" \
+        --title "clevr-2d, k = $k, val accuracy per question family"
     done ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
   esac
