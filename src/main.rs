@@ -1116,7 +1116,8 @@ fn cmd_bench_loader(
         images,
         seconds,
         images_per_s: images as f64 / seconds,
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        // The loader decodes on rayon's pool, which RAYON_NUM_THREADS may size.
+        threads: rayon::current_num_threads(),
     };
     if json {
         println!("{}", serde_json::to_string(&r)?);

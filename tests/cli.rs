@@ -200,6 +200,25 @@ fn generate_sort_of_clevr_writes_the_layout_and_reports_errors() {
     let v = stdout_json(&ok(out));
     assert_eq!(v["images"], 6);
     assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
+    // The thread count is the pool's that decoded, not the machine's.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moevqa"))
+        .args([
+            "bench",
+            "loader",
+            "--data",
+            d,
+            "--batch",
+            "3",
+            "--batches",
+            "1",
+            "--size",
+            "32",
+        ])
+        .arg("--json")
+        .env("RAYON_NUM_THREADS", "3")
+        .output()
+        .unwrap();
+    assert_eq!(stdout_json(&ok(out))["threads"], 3);
     assert_one_line_error(
         &moevqa(&["bench", "loader", "--data", d, "--split", "test"]),
         "not a dataset directory",
