@@ -4,8 +4,8 @@
 // gradient buffers (tens of MB) every step. glibc's malloc hands those back
 // to the kernel and gets fresh zeroed pages next step: a fifth to a third of
 // a step went to page faults and TLB shoot-downs. mimalloc, told never to
-// return freed memory (`keep_freed_memory`), re-uses them: 1.3-1.6x more
-// questions/s (README, "Training throughput").
+// return freed memory (`keep_freed_memory`), re-uses them: 1.1-1.9x more
+// questions/s (README, "The allocator").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

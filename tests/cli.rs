@@ -310,6 +310,26 @@ fn bench_fast_engine_and_whole_cnn_json() {
     ]);
     let v = stdout_json(&ok(out));
     assert!(v["bench"]["efficiency"].as_f64().is_some());
+    for (net, gated) in [("dense", false), ("sparse", true)] {
+        let p = &v["profile"][net];
+        let blocks = p["blocks"].as_array().unwrap();
+        assert_eq!(blocks.len(), 3, "the CLEVR CNN has 3 blocks");
+        assert!(blocks.iter().all(|t| t.as_f64().unwrap() > 0.0));
+        assert!(p["stem"].as_f64().unwrap() > 0.0);
+        assert_eq!(p["gates"].as_f64().unwrap() > 0.0, gated, "{net}: {p}");
+    }
+    assert_one_line_error(
+        &moevqa(&[
+            "bench",
+            "cnn",
+            "--model",
+            "clevr",
+            "--engine",
+            "burn",
+            "--profile",
+        ]),
+        "--profile",
+    );
     // bench train: the widths asked for are the widths timed (and echoed).
     let out = moevqa(&[
         "bench",
@@ -336,26 +356,6 @@ fn bench_fast_engine_and_whole_cnn_json() {
         (Some(16), Some(8))
     );
     assert!(t["questions_per_s"].as_f64().unwrap() > 0.0);
-    for (net, gated) in [("dense", false), ("sparse", true)] {
-        let p = &v["profile"][net];
-        let blocks = p["blocks"].as_array().unwrap();
-        assert_eq!(blocks.len(), 3, "the CLEVR CNN has 3 blocks");
-        assert!(blocks.iter().all(|t| t.as_f64().unwrap() > 0.0));
-        assert!(p["stem"].as_f64().unwrap() > 0.0);
-        assert_eq!(p["gates"].as_f64().unwrap() > 0.0, gated, "{net}: {p}");
-    }
-    assert_one_line_error(
-        &moevqa(&[
-            "bench",
-            "cnn",
-            "--model",
-            "clevr",
-            "--engine",
-            "burn",
-            "--profile",
-        ]),
-        "--profile",
-    );
 }
 
 /// A reader that closes the pipe early (`moevqa ... | head -c 10`) ends the
