@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_one_line_error, moevqa, ok, stdout_json};
+use common::{assert_one_line_error, moevqa, moevqa_env, ok, stdout_json};
 
 #[test]
 fn flops_json_has_the_documented_shape() {
@@ -184,25 +184,10 @@ fn generate_sort_of_clevr_writes_the_layout_and_reports_errors() {
     ] {
         assert!(dir.join(f).is_file(), "missing {f}");
     }
-    let out = moevqa(&[
-        "bench",
-        "loader",
-        "--data",
-        d,
-        "--batch",
-        "3",
-        "--batches",
-        "2",
-        "--size",
-        "32",
-        "--json",
-    ]);
-    let v = stdout_json(&ok(out));
-    assert_eq!(v["images"], 6);
-    assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
-    // The thread count is the pool's that decoded, not the machine's.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moevqa"))
-        .args([
+    // RAYON_NUM_THREADS=3: the thread count reported is the pool's that
+    // decoded, not the machine's.
+    let out = moevqa_env(
+        &[
             "bench",
             "loader",
             "--data",
@@ -210,15 +195,17 @@ fn generate_sort_of_clevr_writes_the_layout_and_reports_errors() {
             "--batch",
             "3",
             "--batches",
-            "1",
+            "2",
             "--size",
             "32",
-        ])
-        .arg("--json")
-        .env("RAYON_NUM_THREADS", "3")
-        .output()
-        .unwrap();
-    assert_eq!(stdout_json(&ok(out))["threads"], 3);
+            "--json",
+        ],
+        &[("RAYON_NUM_THREADS", "3")],
+    );
+    let v = stdout_json(&ok(out));
+    assert_eq!(v["images"], 6);
+    assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["threads"], 3);
     assert_one_line_error(
         &moevqa(&["bench", "loader", "--data", d, "--split", "test"]),
         "not a dataset directory",

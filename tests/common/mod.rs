@@ -8,8 +8,14 @@ use std::time::{Duration, Instant};
 
 /// Runs the built `moevqa` binary with `args`.
 pub fn moevqa(args: &[&str]) -> Output {
+    moevqa_env(args, &[])
+}
+
+/// Runs the built `moevqa` binary with `args` and extra environment `vars`.
+pub fn moevqa_env(args: &[&str], vars: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_moevqa"))
         .args(args)
+        .envs(vars.iter().copied())
         .output()
         .expect("run moevqa")
 }
