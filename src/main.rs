@@ -735,6 +735,11 @@ struct EvalJson<'a> {
     /// With `--confusion`: per question type, right answer, given answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     confusion: Option<&'a moevqa::metrics::confusion::Confusion>,
+    /// The baseline beside `by_family`: each type's commonest right answer
+    /// in the split and its share; empty without answers (a test split).
+    majority_by_family: std::collections::BTreeMap<String, moevqa::metrics::confusion::Majority>,
+    /// Percent right when every question gets its type's commonest answer.
+    majority_accuracy: f64,
 }
 
 use moevqa::train::plot::SweepRow;
@@ -785,6 +790,8 @@ fn cmd_eval(
         Some(report.k),
         &gate,
     )?;
+    let (majority_by_family, majority_accuracy) =
+        moevqa::metrics::confusion::majority(&report.confusion);
     if json {
         let j = EvalJson {
             k: report.k,
@@ -800,10 +807,18 @@ fn cmd_eval(
             cnn_ms_per_image: report.cnn_ms_per_image,
             dead_units: report.dead_units.as_ref(),
             confusion: confusion.then_some(&report.confusion),
+            majority_by_family,
+            majority_accuracy,
         };
         println!("{}", serde_json::to_string(&j)?);
     } else {
-        print_eval(split, &report, macs.cnn_macs);
+        print_eval(
+            split,
+            &report,
+            macs.cnn_macs,
+            &majority_by_family,
+            majority_accuracy,
+        );
         if confusion {
             print_mistakes(&report.confusion);
         }
@@ -818,7 +833,13 @@ fn cmd_eval(
     })
 }
 
-fn print_eval(split: &str, report: &moevqa::train::clevr::EvalReport, cnn_macs: u64) {
+fn print_eval(
+    split: &str,
+    report: &moevqa::train::clevr::EvalReport,
+    cnn_macs: u64,
+    majority: &std::collections::BTreeMap<String, moevqa::metrics::confusion::Majority>,
+    prior: f64,
+) {
     println!(
         "{split}: {} questions, k = {}, accuracy {:.2}%, CNN {:.3e} MACs/image{}, {:.1} questions/s ({} engine)",
         report.questions,
@@ -830,7 +851,16 @@ fn print_eval(split: &str, report: &moevqa::train::clevr::EvalReport, cnn_macs: 
         report.engine.name()
     );
     for (f, acc) in &report.by_family {
-        println!("  {f:<20} {acc:6.2}%");
+        match majority.get(f) {
+            Some(m) => println!(
+                "  {f:<20} {acc:6.2}%   (majority answer \"{}\": {:.2}%)",
+                m.answer, m.accuracy
+            ),
+            None => println!("  {f:<20} {acc:6.2}%"),
+        }
+    }
+    if !majority.is_empty() {
+        println!("  (each question given its type's majority answer: {prior:.2}%)");
     }
     let spec = specialisation(&report.expert_usage_per_family);
     println!("{}", specialisation_text("question type", &spec));

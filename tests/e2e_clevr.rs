@@ -175,22 +175,37 @@ fn generate_train_eval_predict_answer_resume() {
     assert!(v.get("confusion").is_none(), "{v}");
     let confusion = b["confusion"].as_object().unwrap();
     assert_eq!(confusion.len(), v["by_family"].as_object().unwrap().len());
-    let mut questions = 0;
+    let (mut questions, mut majority_hits) = (0, 0);
     for (family, by_right) in confusion {
         let (mut right, mut all) = (0, 0);
+        // Questions per right answer, for the majority baseline.
+        let mut with_answer = std::collections::BTreeMap::new();
         for (answer, given) in by_right.as_object().unwrap() {
             for (g, n) in given.as_object().unwrap() {
                 let n = n.as_u64().unwrap();
                 all += n;
                 right += if g == answer { n } else { 0 };
+                *with_answer.entry(answer.as_str()).or_insert(0) += n;
             }
         }
         let pct = 100.0 * right as f64 / all as f64;
         let want = v["by_family"][family].as_f64().unwrap();
         assert!((pct - want).abs() < 1e-9, "{family}: {pct} against {want}");
+        // The baseline beside it: the type's commonest right answer.
+        let most = *with_answer.values().max().unwrap();
+        let m = &v["majority_by_family"][family];
+        assert_eq!(with_answer[m["answer"].as_str().unwrap()], most, "{family}");
+        let share = 100.0 * most as f64 / all as f64;
+        assert!(
+            (m["accuracy"].as_f64().unwrap() - share).abs() < 1e-9,
+            "{family}"
+        );
+        majority_hits += most;
         questions += all;
     }
     assert_eq!(questions, 40);
+    let prior = v["majority_accuracy"].as_f64().unwrap();
+    assert!((prior - 100.0 * majority_hits as f64 / 40.0).abs() < 1e-9);
     assert_eq!(
         (v["engine"].as_str(), b["engine"].as_str()),
         (Some("fast"), Some("burn"))

@@ -69,6 +69,50 @@ pub fn top_mistakes(c: &Confusion, per_type: usize) -> BTreeMap<String, Vec<Mist
     out
 }
 
+/// A question type's commonest right answer: what a model that knows only
+/// the type would answer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Majority {
+    pub answer: String,
+    /// Percent of the type's questions with that right answer.
+    pub accuracy: f64,
+}
+
+/// The baseline beside a per-type accuracy table: each type's [`Majority`],
+/// and the accuracy over all questions of answering each type's commonest
+/// answer (ties: the first answer in order).
+pub fn majority(c: &Confusion) -> (BTreeMap<String, Majority>, f64) {
+    let mut by_type = BTreeMap::new();
+    let (mut hits, mut total) = (0u64, 0u64);
+    for (family, by_right) in c {
+        let counts = by_right
+            .iter()
+            .map(|(right, given)| (right, given.values().sum::<u64>()));
+        let n: u64 = counts.clone().map(|(_, m)| m).sum();
+        let best = counts.fold(None, |best: Option<(&String, u64)>, (a, m)| match best {
+            Some((_, b)) if b >= m => best,
+            _ => Some((a, m)),
+        });
+        if let Some((answer, m)) = best {
+            hits += m;
+            total += n;
+            by_type.insert(
+                family.clone(),
+                Majority {
+                    answer: answer.clone(),
+                    accuracy: 100.0 * m as f64 / n as f64,
+                },
+            );
+        }
+    }
+    let overall = if total == 0 {
+        0.0
+    } else {
+        100.0 * hits as f64 / total as f64
+    };
+    (by_type, overall)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +168,22 @@ mod tests {
         assert_eq!(m["count"], want);
         // Truncated to the most frequent.
         assert_eq!(top_mistakes(&sample(), 1)["count"], want[..1]);
+    }
+
+    #[test]
+    fn majority_is_each_types_commonest_right_answer() {
+        let (by_type, overall) = majority(&sample());
+        // count: right answers 1, 1, 1, 2, 3 -> "1" in 3 of 5.
+        assert_eq!(by_type["count"].answer, "1");
+        assert!((by_type["count"].accuracy - 60.0).abs() < 1e-9);
+        // shape: circle 1, square 1: the tie goes to the first.
+        assert_eq!(by_type["shape"].answer, "circle");
+        assert!((by_type["shape"].accuracy - 50.0).abs() < 1e-9);
+        // (3 + 1) of 7 questions.
+        assert!((overall - 400.0 / 7.0).abs() < 1e-9);
+        let (none, zero) = majority(&Confusion::new());
+        assert!(none.is_empty());
+        assert_eq!(zero, 0.0);
     }
 
     #[test]
