@@ -91,6 +91,13 @@ for step in $STEPS; do
       $B eval --run "$OUT/c2d64-k$k" --data "$OUT/c2d-data" --confusion --json \
         > "$OUT/c2d64-k$k.json"
     done
+    # The k = 12 model run sparser at inference only.
+    $B eval --run "$OUT/c2d64-k12" --data "$OUT/c2d-data" --k 6 --k 3 --json \
+      > "$OUT/c2d64-k12-at-k6-k3.json"
+    if command -v python3 > /dev/null; then
+      python3 bench/family_table.py "$OUT/c2d64-k12.json" "$OUT/c2d64-k6.json" \
+        "$OUT/c2d64-k3.json" > "$OUT/c2d64-families.md"
+    fi
     $B report --run "$OUT/c2d64-k12" --run "$OUT/c2d64-k6" --run "$OUT/c2d64-k3" \
       > "$OUT/c2d64-report.md"
     $B plot --run "$OUT/c2d64-k12" --run "$OUT/c2d64-k6" --run "$OUT/c2d64-k3" \
