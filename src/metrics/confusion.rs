@@ -85,25 +85,24 @@ pub fn majority(c: &Confusion) -> (BTreeMap<String, Majority>, f64) {
     let mut by_type = BTreeMap::new();
     let (mut hits, mut total) = (0u64, 0u64);
     for (family, by_right) in c {
-        let counts = by_right
+        let counts: Vec<(&String, u64)> = by_right
             .iter()
-            .map(|(right, given)| (right, given.values().sum::<u64>()));
-        let n: u64 = counts.clone().map(|(_, m)| m).sum();
-        let best = counts.fold(None, |best: Option<(&String, u64)>, (a, m)| match best {
-            Some((_, b)) if b >= m => best,
-            _ => Some((a, m)),
-        });
-        if let Some((answer, m)) = best {
-            hits += m;
-            total += n;
-            by_type.insert(
-                family.clone(),
-                Majority {
-                    answer: answer.clone(),
-                    accuracy: 100.0 * m as f64 / n as f64,
-                },
-            );
-        }
+            .map(|(right, given)| (right, given.values().sum()))
+            .collect();
+        // max_by_key keeps the last of equal maxima: reversed, the first.
+        let Some(&(answer, m)) = counts.iter().rev().max_by_key(|c| c.1) else {
+            continue;
+        };
+        let n: u64 = counts.iter().map(|c| c.1).sum();
+        hits += m;
+        total += n;
+        by_type.insert(
+            family.clone(),
+            Majority {
+                answer: answer.clone(),
+                accuracy: 100.0 * m as f64 / n as f64,
+            },
+        );
     }
     let overall = if total == 0 {
         0.0
